@@ -1,0 +1,1 @@
+"""MuJoCo tabletop tasks and their scripted experts (installed as ``robolora.envs``)."""

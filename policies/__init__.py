@@ -1,0 +1,1 @@
+"""Visuomotor transformer policy and shipped checkpoints (installed as ``robolora.policies``)."""
