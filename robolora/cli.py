@@ -1,0 +1,229 @@
+"""The ``robolora`` command line: one subcommand per step of the workflow.
+
+collect -> pretrain -> train-skill -> eval -> rollout -> export -> control. Every subcommand shares flag names
+(``--out``, ``--device``, ``--seed``, ``--episodes``, ``--json``), shows a progress bar on long work and prints a
+short table (or one JSON object with ``--json``). The library never prints; this module does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import robolora  # noqa: E402
+
+EPILOG = """examples:
+  robolora info                                   # versions, device, tasks, shipped checkpoints
+  robolora collect --task reach --episodes 200 --out data/reach
+  robolora pretrain --data data/reach data/push --out runs/base --steps 20000
+  robolora eval --policy runs/base --task reach --episodes 50
+"""
+
+
+class Progress:
+    """A tqdm bar the library reports into through plain callbacks (library code never draws bars)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+    def update_to(self, n: int, postfix: dict[str, float] | None = None) -> None:
+        self.bar.update(n - self.bar.n)
+        if postfix:
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], table: Callable[[], str] | None = None) -> None:
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    elif table is not None:
+        print(table())
+    else:
+        for key, value in result.items():
+            print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+             for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(list(columns)), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(line(r) for r in cells)])
+
+
+# ----------------------------------------------------------------------------------------------- subcommands
+def cmd_info(args: argparse.Namespace) -> int:
+    from robolora.info import describe, environment
+
+    result = describe(args.path) if args.path else environment()
+    emit(args, result)
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from robolora.data import collect
+    from robolora.envs import TASKS
+
+    env_id = TASKS.get(args.task, args.task)
+    bar = Progress(args.episodes, f"collect {args.task}", not args.json)
+    try:
+        manifest = collect(env_id, args.episodes, args.out, seed=args.seed, noise=args.noise,
+                           workers=args.workers, image_size=args.image_size, cameras=tuple(args.cameras),
+                           progress=bar.update_to)
+    finally:
+        bar.close()
+    emit(args, {"out": str(args.out), "episodes": len(manifest["episodes"]),
+                "success_rate": manifest["success_rate"],
+                "mean_length": sum(e["length"] for e in manifest["episodes"]) / len(manifest["episodes"])})
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from robolora.recipes import pretrain
+    from robolora.train import TrainConfig
+
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device=args.device, checkpoint_every=args.checkpoint_every,
+                         augment_shift=args.augment_shift)
+    bar = Progress(args.steps, "pretrain", not args.json)
+    try:
+        metrics = pretrain(args.data, args.out, preset=args.preset, config=config, resume=args.resume,
+                           on_step=bar.update_to)
+    finally:
+        bar.close()
+    emit(args, {"out": str(args.out), **metrics})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from robolora.envs import BASE_TASKS, TASKS
+    from robolora.evaluate import evaluate
+    from robolora.policies import load_policy
+    from robolora.train import resolve_device
+
+    policy = load_policy(args.policy, device=str(resolve_device(args.device)))
+    if args.skill:
+        from robolora.adapters import attach_for_eval
+
+        attach_for_eval(policy, args.skill)
+    rows = []
+    for task in args.task:
+        env_id = TASKS.get(task, task)
+        name = next((k for k, v in TASKS.items() if v == env_id), task)
+        task_id = BASE_TASKS.index(name) if name in BASE_TASKS and not args.skill else None
+        bar = Progress(args.episodes, f"eval {name}", not args.json)
+        video = None
+        if args.video:
+            video = Path(args.video) / f"{name}.gif" if len(args.task) > 1 else Path(args.video)
+        try:
+            m = evaluate(policy, env_id, args.episodes, seed=args.seed, num_envs=args.num_envs,
+                         task_id=task_id, video_path=video, on_episode=bar.update_to)
+        finally:
+            bar.close()
+        rows.append({"task": name, "success": m["eval/success_rate"], "ci95": f"[{m['eval/ci_low']:.2f}, "
+                     f"{m['eval/ci_high']:.2f}]", "mean_len": m["eval/mean_length"],
+                     "lat_p50_ms": m["eval/latency_ms_p50"], "lat_p99_ms": m["eval/latency_ms_p99"],
+                     "episodes": m["eval/episodes"], **({"video": m["video"]} if video else {})})
+    emit(args, {"results": rows}, lambda: format_table(rows, list(rows[0])))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    p.add_argument("-v", "--verbose", action="store_true", help="log library progress (INFO)")
+    if device:
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robolora", description=__doc__.splitlines()[0], epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"robolora {robolora.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="inspect a checkpoint, adapter, bundle or dataset; or the installation")
+    p.add_argument("path", nargs="?", help="a policy checkpoint, adapter, export bundle or dataset folder")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("collect", help="record scripted-expert demonstrations into a dataset folder",
+                       epilog="example: robolora collect --task pick_place --episodes 200 --out data/pick_place")
+    p.add_argument("--task", required=True, help="task name (reach, push, ..., dish_rack, wipe) or gym id")
+    p.add_argument("--episodes", type=int, default=100, help="successful episodes to record (default 100)")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder (resumed when it exists)")
+    p.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
+    p.add_argument("--noise", type=float, default=None, help="expert action noise (default: the expert's)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--image-size", type=int, default=64, help="camera image size in pixels (default 64)")
+    p.add_argument("--cameras", nargs="+", default=["front"], help="cameras to record (front, wrist)")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("pretrain", help="multi-task behaviour cloning of the base policy (all weights)",
+                       epilog="example: robolora pretrain --data data/reach data/push --out runs/base --resume")
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="dataset folders of base tasks")
+    p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.jsonl, policy")
+    p.add_argument("--preset", default="base", help="policy size: tiny, base or large (default base)")
+    p.add_argument("--steps", type=int, default=20_000, help="optimizer steps (default 20000)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--augment-shift", type=int, default=0, help="DrQ random-shift pixels (default 0: off)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    _common(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="success rate (95%% interval), episode length and latency over seeded episodes",
+                       epilog="example: robolora eval --policy policies/pretrained/base --task reach push")
+    p.add_argument("--policy", type=Path, default=None, help="policy checkpoint (default: the shipped base)")
+    p.add_argument("--skill", type=Path, default=None, help="skill adapter folder to attach")
+    p.add_argument("--task", nargs="+", required=True, help="task names or gym ids")
+    p.add_argument("--episodes", type=int, default=50, help="episodes per task (default 50)")
+    p.add_argument("--seed", type=int, default=None, help="first evaluation seed (default: held-out range)")
+    p.add_argument("--num-envs", type=int, default=1, help="parallel environments (default 1)")
+    p.add_argument("--video", default=None, help="write the first episode as .gif/.mp4 (folder for many tasks)")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "seed", 0) is None:
+        from robolora.evaluate import EVAL_SEED
+
+        args.seed = EVAL_SEED
+    if getattr(args, "policy", 0) is None:
+        from robolora.recipes import shipped_base
+
+        args.policy = shipped_base()
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"robolora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

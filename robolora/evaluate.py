@@ -1,0 +1,160 @@
+"""Rollout evaluation (DESIGN.md §5): success rate with a 95% Wilson interval, episode length, policy latency, video.
+
+Episodes are seeded ``seed, seed + 1, ...``; the default ``EVAL_SEED`` is far from the seeds demos are collected
+with (``robolora collect`` starts at 0), so evaluation is on held-out scenes. Parallel environments run in waves:
+each wave resets ``num_envs`` environments with consecutive seeds and steps them in lock-step through one batched
+policy call until all have ended; results do not depend on ``num_envs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED = 10_000_000
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (better than the normal one near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Path:
+    """Write RGB frames as .gif (Pillow) or .mp4 (imageio with ffmpeg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not frames:
+        raise ValueError("no frames to write")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if path.suffix == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    elif path.suffix == ".mp4":
+        try:
+            import imageio.v2 as imageio
+
+            imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+        except (ImportError, ValueError, RuntimeError) as e:
+            raise RuntimeError(f"cannot write {path}: mp4 needs imageio with ffmpeg (pip install "
+                               f"'imageio[ffmpeg]'); or write a .gif instead ({e})") from e
+    else:
+        raise ValueError(f"video path {path} must end in .gif or .mp4")
+    tmp.replace(path)
+    return path
+
+
+def _make_envs(env_id: str, num_envs: int, env_kwargs: dict[str, Any]) -> gym.vector.VectorEnv:
+    import robolora.envs  # noqa: F401  registers the tasks
+
+    fns = [lambda: gym.make(env_id, **env_kwargs) for _ in range(num_envs)]
+    if num_envs == 1:
+        return gym.vector.SyncVectorEnv(fns)
+    return gym.vector.AsyncVectorEnv(fns, context="spawn")
+
+
+def evaluate(
+    policy: Any,
+    env_id: str,
+    episodes: int = 50,
+    *,
+    seed: int = EVAL_SEED,
+    num_envs: int = 1,
+    task_id: int | None = None,
+    video_path: str | Path | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    on_episode: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``episodes`` seeded episodes of ``env_id`` with ``policy.select_action``; return metrics.
+
+    ``policy`` needs ``reset()`` and ``select_action(obs)`` on a batched observation dict (a VisuomotorPolicy,
+    a SkillManager, or the torch-free controller). ``task_id`` is added to every observation when given.
+    Returns ``eval/success_rate``, ``eval/ci_low``, ``eval/ci_high``, ``eval/mean_length``,
+    ``eval/latency_ms_p50``, ``eval/latency_ms_p99`` and the per-episode ``episodes`` list.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes={episodes}: must be >= 1")
+    if num_envs < 1:
+        raise ValueError(f"num_envs={num_envs}: must be >= 1")
+    kwargs = dict(env_kwargs or {})
+    if video_path is not None:
+        kwargs["render_mode"] = "rgb_array"
+    results: list[dict[str, Any]] = []
+    latencies: list[float] = []
+    frames: list[np.ndarray] = []
+    envs = _make_envs(env_id, min(num_envs, episodes), kwargs)
+    try:
+        n = envs.num_envs
+        for wave_start in range(0, episodes, n):
+            seeds = [seed + wave_start + i for i in range(n)]
+            active = min(n, episodes - wave_start)
+            obs, info = envs.reset(seed=seeds)
+            policy.reset()
+            done = np.zeros(n, dtype=bool)
+            done[active:] = True  # padding envs of the last wave: stepped but not counted
+            success = np.zeros(n, dtype=bool)
+            length = np.zeros(n, dtype=int)
+            record = video_path is not None and wave_start == 0
+            if record:
+                frames.append(envs.call("render")[0])
+            while not done.all():
+                if task_id is not None:
+                    obs = {**obs, "task_id": np.full(n, task_id, dtype=np.int64)}
+                t0 = time.perf_counter()
+                action = policy.select_action(obs)
+                latencies.append(time.perf_counter() - t0)
+                obs, _, terminated, truncated, info = envs.step(np.asarray(action, dtype=np.float32))
+                if record and not done[0]:
+                    frames.append(envs.call("render")[0])
+                step_success = np.asarray(info.get("success", np.zeros(n, dtype=bool)), dtype=bool)
+                live = ~done
+                length[live] += 1
+                success[live] |= step_success[live]
+                done |= np.asarray(terminated) | np.asarray(truncated)
+            for i in range(active):
+                results.append({"seed": seeds[i], "success": bool(success[i]), "length": int(length[i])})
+                if on_episode is not None:
+                    on_episode(len(results))
+            logger.info("%s: %d/%d episodes, success so far %.2f", env_id, len(results), episodes,
+                        np.mean([r["success"] for r in results]))
+    finally:
+        envs.close()
+    wins = sum(r["success"] for r in results)
+    low, high = wilson_interval(wins, len(results))
+    lat_ms = np.asarray(latencies) * 1e3
+    metrics: dict[str, Any] = {
+        "eval/success_rate": wins / len(results),
+        "eval/ci_low": low,
+        "eval/ci_high": high,
+        "eval/mean_length": float(np.mean([r["length"] for r in results])),
+        "eval/latency_ms_p50": float(np.percentile(lat_ms, 50)),
+        "eval/latency_ms_p99": float(np.percentile(lat_ms, 99)),
+        "eval/episodes": len(results),
+        "episodes": results,
+    }
+    if video_path is not None:
+        metrics["video"] = str(write_video(frames, video_path))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_tasks(policy: Any, tasks: dict[str, int | None], episodes: int, **kwargs: Any) -> dict[str, Any]:
+    """Evaluate several tasks; ``tasks`` maps a gym id to the task id to feed (None for a skill adapter)."""
+    return {env_id: evaluate(policy, env_id, episodes, task_id=tid, **kwargs) for env_id, tid in tasks.items()}
