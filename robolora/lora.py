@@ -1,0 +1,184 @@
+"""LoRALinear: several named low-rank adapters beside one frozen ``nn.Linear`` (DESIGN.md §4; Hu et al. 2021).
+
+For the frozen base layer (W0: d_out x d_in, bias b) and each adapter i (A_i: r x d_in ~ N(0, std^2), B_i: d_out x r
+= 0, s_i = alpha / r or alpha / sqrt(r)) the layer computes, for the active set {i: w_i},
+
+    h = W0 x + b + sum_i w_i * s_i * B_i A_i dropout_i(x)            (dropout only in training mode)
+
+``merge(spec)`` writes W0 + sum_i w_i s_i B_i A_i into the base weight (computed in fp32, cast once) and
+``unmerge()`` copies W0 back from a pristine copy taken at wrap time, so the base weight is bit-identical to W0
+after any number of merges: never W - delta. Merging and activation are explicit calls; ``train()``/``eval()``
+only switch dropout. An active adapter that is currently merged is skipped in the LoRA path (it is already
+inside the weight); other active adapters still run beside the merged weight.
+
+The pristine copy is a non-persistent buffer (it follows ``.to(device/dtype)``, is not a parameter and is not
+saved on its own); ``state_dict()`` always stores W0 under ``base_layer.weight``, whatever is merged, and loading
+a ``base_layer.weight`` refreshes the pristine copy. The base weight tensor must never alias ``pristine_weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robolora.config import LoRAConfig
+
+AdapterSpec = str | Mapping[str, float]
+
+
+class LoRALinear(nn.Module):
+    """Wraps (does not subclass) a frozen ``nn.Linear`` and holds named adapters ``lora_A[name]``/``lora_B[name]``."""
+
+    pristine_weight: torch.Tensor
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
+        base_layer.requires_grad_(False)
+        self.register_buffer("pristine_weight", base_layer.weight.detach().clone(), persistent=False)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.configs: dict[str, LoRAConfig] = {}
+        self._active: dict[str, float] = {}
+        self._merged: dict[str, float] | None = None
+        self.register_state_dict_post_hook(_save_pristine_as_base)
+        self.register_load_state_dict_pre_hook(_load_base_into_pristine)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the attached adapters, in attach order."""
+        return list(self.configs)
+
+    @property
+    def active(self) -> dict[str, float]:
+        """Adapters the forward adds, with their weights ({} for none)."""
+        return dict(self._active)
+
+    @property
+    def merged(self) -> dict[str, float] | None:
+        """Adapters currently merged into the base weight, or None."""
+        return None if self._merged is None else dict(self._merged)
+
+    def add_adapter(
+        self, name: str, config: LoRAConfig | None = None, *, generator: torch.Generator | None = None, **fields: Any
+    ) -> None:
+        """Attach a fresh adapter (B = 0, so outputs are unchanged). ``fields`` override ``config``'s (rank=4...)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name {name!r} is invalid; use a non-empty string without '.'")
+        if name in self.configs:
+            raise ValueError(f"adapter {name!r} already exists in this layer; remove_adapter({name!r}) first")
+        if hasattr(self.lora_A, name):
+            raise ValueError(f"adapter name {name!r} clashes with a torch.nn.ParameterDict attribute; pick another")
+        config = LoRAConfig(**{**(config or LoRAConfig()).to_dict(), **fields})
+        weight = self.base_layer.weight
+        gen_device = generator.device if generator is not None else "cpu"
+        a = torch.randn(config.rank, self.in_features, generator=generator, device=gen_device) * config.std
+        self.lora_A[name] = nn.Parameter(a.to(device=weight.device, dtype=weight.dtype))
+        self.lora_B[name] = nn.Parameter(weight.new_zeros(self.out_features, config.rank))
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.configs[name] = config
+
+    def remove_adapter(self, name: str) -> None:
+        """Detach an adapter; it must not be merged. It also leaves the active set."""
+        self._check_names([name])
+        if self._merged is not None and name in self._merged:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weight; call unmerge() before removing it")
+        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+            del container[name]
+        del self.configs[name]
+        self._active.pop(name, None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B @ A for one adapter, computed in fp32 and returned in the base weight's dtype."""
+        self._check_names([name])
+        return self._delta_fp32(name).to(self.base_layer.weight.dtype)
+
+    def merged_weight(self, spec: AdapterSpec) -> torch.Tensor:
+        """W0 + sum_i w_i * delta_i as a new tensor (fp32 sum, one cast); raises if it is not finite."""
+        weights = self._as_weights(spec)
+        total = self.pristine_weight.float()
+        for name, w in weights.items():
+            total = total + w * self._delta_fp32(name)
+        merged = total.to(self.pristine_weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging {weights} gives NaN/Inf weights (adapter values diverged?); nothing written")
+        return merged
+
+    def set_active(self, spec: AdapterSpec | None) -> None:
+        """Choose the adapters the forward adds: None (none), a name (weight 1) or {name: weight}."""
+        self._active = {} if spec is None else self._as_weights(spec)
+
+    @torch.no_grad()
+    def merge(self, spec: AdapterSpec) -> None:
+        """Write W0 + the weighted deltas into the base weight in place (restarting from W0 if already merged)."""
+        weights = self._as_weights(spec)
+        self.base_layer.weight.copy_(self.merged_weight(weights))
+        self._merged = weights
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Copy the pristine W0 back into the base weight (bit-exact); harmless when nothing is merged."""
+        self.base_layer.weight.copy_(self.pristine_weight)
+        self._merged = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (..., d_out), includes any merged deltas
+        for name, w in self._active.items():
+            if self._merged is not None and name in self._merged:
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = F.linear(F.linear(self.lora_dropout[name](x).to(a.dtype), a), b)  # (..., r) -> (..., d_out)
+            out = out + (h * (w * self.configs[name].scaling)).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={self._active}, merged={self._merged}"
+
+    def _delta_fp32(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float()) * self.configs[name].scaling
+
+    def _as_weights(self, spec: AdapterSpec) -> dict[str, float]:
+        weights = {spec: 1.0} if isinstance(spec, str) else {str(k): float(v) for k, v in spec.items()}
+        if not weights:
+            raise ValueError("empty adapter set; pass a name or {name: weight}, or None/unmerge() for the base")
+        self._check_names(weights)
+        bad = {k: v for k, v in weights.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"adapter weights must be finite, got {bad}")
+        return weights
+
+    def _check_names(self, names: Any) -> None:
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise KeyError(f"unknown adapter(s) {unknown}; attached: {self.adapters}")
+
+
+def _save_pristine_as_base(module: LoRALinear, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+    state_dict[prefix + "base_layer.weight"] = module.pristine_weight.detach()
+
+
+def _load_base_into_pristine(module: LoRALinear, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
+    value = state_dict.get(prefix + "base_layer.weight")
+    if value is None or value.shape != module.pristine_weight.shape:
+        return  # nothing to refresh; a shape mismatch is reported by the base layer's own load
+    if module._merged is not None:
+        raise RuntimeError(f"{prefix.rstrip('.') or 'layer'}: call unmerge() before loading base weights into a merged LoRA layer")
+    with torch.no_grad():
+        module.pristine_weight.copy_(value)
