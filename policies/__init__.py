@@ -1,1 +1,14 @@
-"""Visuomotor transformer policy and shipped checkpoints (installed as ``robolora.policies``)."""
+"""Visuomotor transformer policy and shipped checkpoints (installed as ``robolora.policies``; DESIGN.md §3)."""
+
+from .checkpoint import base_fingerprint, load_policy, read_policy_header, save_policy
+from .config import PolicyConfig
+from .transformer import VisuomotorPolicy
+
+__all__ = [
+    "PolicyConfig",
+    "VisuomotorPolicy",
+    "base_fingerprint",
+    "load_policy",
+    "read_policy_header",
+    "save_policy",
+]

@@ -1,0 +1,347 @@
+"""Visuomotor transformer policy: images + proprio + task -> a chunk of K actions (DESIGN.md §3).
+
+An encoder-only transformer in the spirit of ACT (Zhao et al., 2023, "Learning Fine-Grained Bimanual Manipulation
+with Low-Cost Hardware"), written like nanoGPT. The sequence is
+
+    [task token | proprio token | image tokens (grid x grid per camera) | K action queries]
+
+processed by pre-norm blocks with full attention; a linear head reads the K action-query tokens. Attention uses
+separate ``attn.q/k/v/o`` and ``mlp.fc1/fc2`` ``nn.Linear`` layers so LoRA can target them by name.
+
+A new skill on the frozen base has no task id, so ``set_skill_token`` installs a trainable (d_model,) token that
+replaces the task embedding for every sample (DESIGN.md §3, TRAINING.md "A new skill on the frozen base").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import PolicyConfig
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, Any]
+
+
+class ConvStem(nn.Module):
+    """Stride-2 3x3 convs from (B, 3, S, S) to a (B, grid*grid, D) token grid.
+
+    No normalisation inside the conv stack: GroupNorm cost 15% of a training step on CPU (TRAINING.md) and
+    BatchNorm couples samples and breaks under a frozen base. Instead the input is standardised, convs use
+    Kaiming init for ReLU, and one LayerNorm on the few output tokens fixes their scale cheaply.
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c_out in enumerate(config.stem_channels):
+            layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1))
+            if i < len(config.stem_channels) - 1:  # the last conv is linear so tokens can be signed
+                layers.append(nn.ReLU(inplace=True))
+            c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.convs(x)  # (B, D, g, g)
+        return self.norm(x.flatten(2).transpose(1, 2))  # (B, g*g, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k(x).view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
+        v = self.v(x).view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.resid_dropout(self.o(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, config.mlp_hidden)
+        self.fc2 = nn.Linear(config.mlp_hidden, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class VisuomotorPolicy(nn.Module):
+    """The policy. Training: ``forward(batch) -> (loss, metrics)``; acting: ``reset()`` + ``select_action(obs)``.
+
+    Batches are dicts as produced by ``robolora.data.BCDataset`` (batched): ``rgb_<camera>`` uint8 (B, H, W, 3),
+    ``proprio`` float (B, P), ``task_id`` int64 (B,), and for training ``action`` (B, K, A) in [-1, 1] and
+    ``action_is_pad`` bool (B, K).
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.stems = nn.ModuleDict({cam: ConvStem(config) for cam in config.cameras})
+        self.image_pos = nn.Parameter(torch.zeros(len(config.cameras), config.tokens_per_camera, d))
+        self.proprio_proj = nn.Linear(config.proprio_dim, d)
+        self.task_embed = nn.Embedding(config.num_tasks, d)
+        self.action_queries = nn.Parameter(torch.zeros(config.chunk_size, d))
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.action_head = nn.Linear(d, config.action_dim)
+        self.register_buffer("proprio_mean", torch.zeros(config.proprio_dim))
+        self.register_buffer("proprio_std", torch.ones(config.proprio_dim))
+        self.register_parameter("skill_token", None)
+        self._init_weights()
+        self._executor = ChunkExecutor(config)
+
+    def _init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                # nanoGPT: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)
+                std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("attn.o", "mlp.fc2")) else 0.02
+                nn.init.normal_(m.weight, std=std)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        for p in (self.image_pos, self.action_queries, self.task_embed.weight):
+            nn.init.normal_(p, std=0.02)
+
+    # ---- configuration-time state --------------------------------------------------------------------------
+
+    def set_normalization(self, stats: Mapping[str, Any]) -> None:
+        """Write ``proprio_mean`` / ``proprio_std`` (e.g. ``BCDataset.stats``); they travel in the checkpoint."""
+        for key in ("proprio_mean", "proprio_std"):
+            if key not in stats:
+                raise ValueError(f"set_normalization: stats lack {key!r} (have {sorted(stats)}); "
+                                 f"pass BCDataset.stats or a dict with proprio_mean and proprio_std")
+            value = torch.as_tensor(np.asarray(stats[key], dtype=np.float32)) if not torch.is_tensor(stats[key]) \
+                else stats[key].detach().float()
+            if value.shape != (self.config.proprio_dim,) or not torch.isfinite(value).all():
+                raise ValueError(f"set_normalization: {key} must be finite with shape ({self.config.proprio_dim},), "
+                                 f"got shape {tuple(value.shape)}")
+            if key == "proprio_std" and (value <= 0).any():
+                raise ValueError("set_normalization: proprio_std must be > 0; floor it (BCDataset floors at 1e-2)")
+            getattr(self, key).copy_(value)
+
+    def set_skill_token(self, token: nn.Parameter | None) -> None:
+        """Install (or with None remove) the skill token that replaces the task embedding for every sample.
+
+        The token is registered as the parameter ``skill_token``, so it appears in ``parameters()`` and
+        ``state_dict()`` while set. Train it with weight decay 0 (TRAINING.md).
+        """
+        if token is not None:
+            if not isinstance(token, nn.Parameter):
+                raise TypeError(f"set_skill_token expects an nn.Parameter or None, got {type(token).__name__}; "
+                                f"wrap it: nn.Parameter(tensor)")
+            if token.shape != (self.config.d_model,):
+                raise ValueError(f"skill token must have shape ({self.config.d_model},) = (d_model,), "
+                                 f"got {tuple(token.shape)}")
+            device = self.action_queries.device
+            if token.device != device:
+                raise ValueError(f"skill token is on {token.device} but the policy is on {device}; "
+                                 f"create it there: nn.Parameter(t.to({str(device)!r}))")
+        self.skill_token = token
+
+    # ---- the network ---------------------------------------------------------------------------------------
+
+    def _action_tokens(self, batch: Batch) -> torch.Tensor:
+        """Run the transformer; returns the final-normed action-query tokens (B, K, D)."""
+        cfg = self.config
+        proprio = batch["proprio"]
+        B = proprio.shape[0]
+        tokens = []
+        if self.skill_token is not None:
+            task = self.skill_token.expand(B, -1)  # (B, D)
+        else:
+            task = self.task_embed(batch["task_id"].long().reshape(B))  # (B, D)
+        tokens.append(task.unsqueeze(1))  # (B, 1, D)
+        proprio = (proprio.float() - self.proprio_mean) / self.proprio_std  # (B, P)
+        tokens.append(self.proprio_proj(proprio).unsqueeze(1))  # (B, 1, D)
+        for i, (cam, key) in enumerate(zip(cfg.cameras, cfg.image_keys)):
+            img = batch[key]  # (B, S, S, 3) uint8
+            # /255 then standardise to about zero mean, unit std; permute gives a channels-last view for free
+            x = (img.permute(0, 3, 1, 2).float() - 127.5) / 64.0  # (B, 3, S, S)
+            tokens.append(self.stems[cam](x) + self.image_pos[i])  # (B, g*g, D)
+        tokens.append(self.action_queries.expand(B, -1, -1))  # (B, K, D)
+        x = torch.cat(tokens, dim=1)  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)  # (B, T, D)
+        return self.ln_f(x[:, -cfg.chunk_size:])  # (B, K, D)
+
+    def predict_chunk(self, batch: Batch) -> torch.Tensor:
+        """Predicted action chunk (B, K, A), clamped to the action space [-1, 1]. Gradients are not disabled."""
+        self._check_batch(batch)
+        return self.action_head(self._action_tokens(batch)).clamp(-1.0, 1.0)  # (B, K, A)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Behaviour-cloning loss on a batch with ``action`` (B, K, A) and ``action_is_pad`` (B, K).
+
+        L1, as in ACT: it tracks precise targets better than MSE (whose gradient vanishes near the target) and
+        is robust to the noisy, partly bang-bang expert labels (gripper commands are +/-1). The head is linear
+        and the loss is taken before the clamp of ``predict_chunk``, so targets at exactly +/-1 keep a gradient
+        (a tanh head would saturate there). Padded steps (past the episode end) are masked out.
+        """
+        self._check_batch(batch, training=True)
+        pred = self.action_head(self._action_tokens(batch)).float()  # (B, K, A)
+        target = batch["action"].float()  # (B, K, A)
+        valid = (~batch["action_is_pad"].bool()).unsqueeze(-1).float()  # (B, K, 1)
+        denom = valid.sum().clamp_min(1.0) * self.config.action_dim
+        err = pred - target  # (B, K, A)
+        loss = (err.abs() * valid).sum() / denom
+        with torch.no_grad():
+            mse = (err.square() * valid).sum() / denom
+            l1_value, mse_value = torch.stack([loss, mse]).tolist()  # one device sync for both
+        return loss, {"train/loss": l1_value, "train/l1": l1_value, "train/mse": mse_value}
+
+    def _check_batch(self, batch: Batch, training: bool = False) -> None:
+        cfg = self.config
+        need = (*cfg.image_keys, "proprio") + (("action", "action_is_pad") if training else ())
+        missing = [k for k in need if k not in batch]
+        if self.skill_token is None and "task_id" not in batch:
+            missing.append("task_id")
+        if missing:
+            raise KeyError(f"batch lacks {missing} (has {sorted(batch)}); the policy needs {list(need)} "
+                           f"and task_id unless a skill token is set")
+        for key in cfg.image_keys:
+            shape = tuple(batch[key].shape)
+            if len(shape) != 4 or shape[1:] != (cfg.image_size, cfg.image_size, 3):
+                raise ValueError(f"batch[{key!r}] must be (B, {cfg.image_size}, {cfg.image_size}, 3) uint8, got "
+                                 f"{shape}; make the env with image_size={cfg.image_size}")
+        if training and tuple(batch["action"].shape[1:]) != (cfg.chunk_size, cfg.action_dim):
+            raise ValueError(f"batch['action'] must be (B, {cfg.chunk_size}, {cfg.action_dim}), got "
+                             f"{tuple(batch['action'].shape)}; build the dataset with chunk_size={cfg.chunk_size}")
+
+    # ---- acting --------------------------------------------------------------------------------------------
+
+    def reset(self, indices: Sequence[int] | None = None) -> None:
+        """Forget queued / ensembled actions: all of them, or only those of the given batch elements
+        (e.g. the environments of a vector env that just reset)."""
+        self._executor.reset(indices)
+
+    @torch.no_grad()
+    def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """Next action for an env observation, (A,) float32 for one env or (B, A) for a batch.
+
+        ``obs`` holds ``rgb_<camera>`` (uint8, (H, W, 3) or (B, H, W, 3)), ``proprio`` and optionally ``task_id``
+        (int or (B,), default 0; ignored while a skill token is set), as numpy arrays or tensors. Re-queries the
+        model every ``n_action_steps`` calls per element, or every call with temporal ensembling. Runs under
+        ``torch.no_grad`` (not inference_mode, whose tensors would block later in-place LoRA weight swaps).
+        """
+        cfg = self.config
+        proprio = torch.as_tensor(obs["proprio"])
+        unbatched = proprio.dim() == 1
+        batch = {}
+        device = self.action_queries.device
+        for key in (*cfg.image_keys, "proprio"):
+            if key not in obs:
+                raise KeyError(f"observation lacks {key!r} (has {sorted(obs)}); make the env with "
+                               f"cameras={cfg.cameras}")
+            value = torch.as_tensor(obs[key], device=device)
+            batch[key] = value.unsqueeze(0) if unbatched else value
+        B = batch["proprio"].shape[0]
+        task_id = torch.as_tensor(obs.get("task_id", 0), device=device, dtype=torch.long)
+        batch["task_id"] = task_id.expand(B) if task_id.dim() == 0 else task_id.reshape(B)
+        action = self._executor.step(batch, self.predict_chunk)  # (B, A)
+        action = action.float().cpu().numpy()
+        return action[0] if unbatched else action
+
+
+class ChunkExecutor:
+    """Turns predicted chunks into one action per step, per batch element (ACT / LeRobot semantics).
+
+    Without ensembling each element executes the first ``n_action_steps`` actions of its chunk, then the model is
+    queried again (for the elements that ran out only). With ``temporal_ensemble = m`` the model is queried every
+    step and the action for time t is the weighted mean of every chunk's prediction for t, with weight
+    exp(-m * i) for the i-th oldest prediction (ACT: older predictions weigh more, which smooths motion).
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self.chunks: torch.Tensor | None = None  # (B, K, A) current chunk, or ensemble weighted sums
+        self.position: torch.Tensor | None = None  # (B,) index of the next action; K means "query"
+        self.counts: torch.Tensor | None = None  # (B, K) predictions accumulated per future step (ensembling)
+        self.weights: torch.Tensor | None = None  # (B, K) summed ensemble weights per future step
+
+    def reset(self, indices: Sequence[int] | None = None) -> None:
+        if indices is None or self.chunks is None:
+            self.chunks = self.position = self.counts = self.weights = None
+            return
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.chunks.device)
+        self.position[idx] = self.config.chunk_size
+        self.chunks[idx] = 0.0
+        self.counts[idx] = 0
+        self.weights[idx] = 0.0
+
+    def step(self, batch: dict[str, torch.Tensor], predict: Any) -> torch.Tensor:
+        cfg = self.config
+        B = batch["proprio"].shape[0]
+        if self.chunks is not None and self.chunks.shape[0] != B:
+            raise ValueError(f"select_action got a batch of {B} but the action queue holds {self.chunks.shape[0]}; "
+                             f"call policy.reset() when the number of environments changes")
+        if self.chunks is None:
+            device = batch["proprio"].device
+            self.chunks = torch.zeros(B, cfg.chunk_size, cfg.action_dim, device=device)
+            self.position = torch.full((B,), cfg.chunk_size, dtype=torch.long, device=device)
+            self.counts = torch.zeros(B, cfg.chunk_size, dtype=torch.long, device=device)
+            self.weights = torch.zeros(B, cfg.chunk_size, device=device)
+        if cfg.temporal_ensemble is not None:
+            return self._ensemble_step(predict(batch).float())
+        need = self.position >= cfg.n_action_steps  # (B,)
+        if need.any():
+            rows = need.nonzero().squeeze(1)
+            sub = batch if bool(need.all()) else {k: v[rows] for k, v in batch.items()}
+            self.chunks[rows] = predict(sub).float()  # (b, K, A)
+            self.position[rows] = 0
+        action = self.chunks[torch.arange(B, device=self.chunks.device), self.position]  # (B, A)
+        self.position += 1
+        return action
+
+    def _ensemble_step(self, chunk: torch.Tensor) -> torch.Tensor:
+        # slot j of the buffers is the action for time t + j
+        w = torch.exp(-self.config.temporal_ensemble * self.counts.float())  # (B, K)
+        self.chunks += w.unsqueeze(-1) * chunk
+        self.weights += w
+        self.counts += 1
+        action = self.chunks[:, 0] / self.weights[:, :1]  # (B, A)
+        self.chunks = torch.roll(self.chunks, -1, dims=1)
+        self.weights = torch.roll(self.weights, -1, dims=1)
+        self.counts = torch.roll(self.counts, -1, dims=1)
+        self.chunks[:, -1] = 0.0
+        self.weights[:, -1] = 0.0
+        self.counts[:, -1] = 0
+        return action
