@@ -141,6 +141,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from robolora.demo import lora_demo
+
+    m = lora_demo(preset=args.preset, rank=args.rank)
+    rows = [
+        {"check": "fresh adapter changes nothing (max |diff|)", "value": f"{m['demo/fresh_adapter_max_diff']:.1e}"},
+        {"check": "wipe vs dish_rack outputs differ (max |diff|)", "value": f"{m['demo/skill_output_gap']:.3f}"},
+        {"check": "switch wipe->dish_rack->wipe restores (max |diff|)",
+         "value": f"{m['demo/switch_back_max_diff']:.1e}"},
+        {"check": "merged vs unmerged (max |diff|)", "value": f"{m['demo/merged_vs_unmerged_max_diff']:.1e}"},
+        {"check": "unmerge restores W0 bit-exactly", "value": str(bool(m["demo/base_restored_bit_exact"]))},
+        {"check": "base parameters / LoRA parameters per skill",
+         "value": f"{m['demo/params_base']:.0f} / {m['demo/params_per_skill']:.0f}"},
+        {"check": "step latency plain / unmerged / merged (ms, batch 1)",
+         "value": f"{m['demo/plain_step_ms']:.3f} / {m['demo/unmerged_step_ms']:.3f} / {m['demo/merged_step_ms']:.3f}"},
+        {"check": "unmerged LoRA overhead vs plain", "value": f"{m['demo/unmerged_overhead']:.2f}x"},
+        {"check": "merge / unmerge whole policy (ms)", "value": f"{m['demo/merge_ms']:.2f} / {m['demo/unmerge_ms']:.2f}"},
+    ]
+    emit(args, m, lambda: format_table(rows, ["check", "value"]))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
@@ -159,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="a policy checkpoint, adapter, export bundle or dataset folder")
     _common(p, device=False)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="attach two LoRA skills to the policy, switch, merge, print measurements")
+    p.add_argument("--preset", default="base", help="policy size: tiny, base or large (default base)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("collect", help="record scripted-expert demonstrations into a dataset folder",
                        epilog="example: robolora collect --task pick_place --episodes 200 --out data/pick_place")
