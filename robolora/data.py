@@ -435,6 +435,34 @@ class BCDataset(Dataset):
         item["action_is_pad"] = steps >= length  # (K,)
         return item
 
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The collated batch of ``indices``, gathered in one vectorised pass (the training loop's fast path).
+
+        Equal to ``default_collate([self[i] for i in indices])``. Each episode's frames are read once from the
+        memory map and kept in RAM (a 1,000-episode base dataset at 64 px is about 0.5 GB), so after the first
+        epoch a batch costs one gather instead of 64 safetensors slice reads.
+        """
+        index = torch.as_tensor(list(indices), dtype=torch.long) % len(self)  # (B,)
+        episode = torch.searchsorted(self.starts, index, right=True) - 1  # (B,)
+        first, length = self.starts[episode], self.lengths[episode]
+        t = index - first
+        steps = t[:, None] + torch.arange(self.chunk_size)  # (B, K)
+        batch: dict[str, torch.Tensor] = {}
+        for cam in self.cameras:
+            frames = [self._frames(int(e), cam)[int(s)] for e, s in zip(episode, t)]
+            batch[f"rgb_{cam}"] = torch.stack(frames)  # (B, H, W, 3)
+        batch["proprio"] = self.proprio[index]
+        batch["task_id"] = torch.as_tensor(self.task_of_episode, dtype=torch.int64)[episode]
+        batch["action"] = self.actions[first[:, None] + torch.minimum(steps, length[:, None] - 1)]  # (B, K, 4)
+        batch["action_is_pad"] = steps >= length[:, None]
+        return batch
+
+    def _frames(self, episode: int, cam: str) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_frame_cache", {})
+        if (episode, cam) not in cache:
+            cache[(episode, cam)] = self._handle(episode).get_tensor(f"obs.rgb_{cam}")
+        return cache[(episode, cam)]
+
     def _handle(self, episode: int) -> Any:
         # mmap handles are per process: DataLoader workers (fork or spawn) open their own on first use.
         if self._handles_pid != os.getpid():
@@ -446,6 +474,7 @@ class BCDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_frame_cache"] = {}
         return state
 
 

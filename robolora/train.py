@@ -264,7 +264,11 @@ def train(
     started = time.perf_counter()
     policy.train()
     for step in range(start, config.steps):
-        batch = default_collate([dataset[i] for i in sampler.indices(step)])
+        indices = sampler.indices(step)
+        if hasattr(dataset, "get_batch"):
+            batch = dataset.get_batch(indices)
+        else:
+            batch = default_collate([dataset[i] for i in indices])
         if config.augment_shift:
             g = sampler.generator(step)
             for key in [k for k in batch if k.startswith("rgb_")]:
