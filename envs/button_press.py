@@ -40,21 +40,22 @@ class ButtonPressExpert(Expert):
     """Phases: above (the cap) -> press (speed-capped, to below the travel limit); fallback: re-centre above."""
 
     initial_phase = "above"
-    hover = 0.05  # tcp height above the cap top before pressing
+    hover = 0.03  # fingertip height above the cap top before pressing
 
     def _plan(self) -> None:
         self.xy_offset = self.jitter(np.array([0.008, 0.008, 0.0]))
-        self.press_speed = float(self.rng.uniform(0.4, 0.7))
+        self.press_speed = float(self.rng.uniform(0.5, 0.8))
 
     def _act(self) -> tuple[np.ndarray, float]:
         env = self.env
-        cap = env.body_pos("button_base") + np.array([0.0, 0.0, 0.05 + CAP_TOP]) + self.xy_offset
+        centre = env.body_pos("button_base") + np.array([0.0, 0.0, 0.05 + CAP_TOP])
+        cap = centre + self.xy_offset
         above = cap + np.array([0.0, 0.0, TIP_BELOW_TCP + self.hover])
 
-        if self.phase == "press" and not self.near(cap, 0.015, slice(0, 2)):
-            self.phase = "above"  # drifted off the cap
+        if self.phase == "press" and not self.near(centre, 0.022, slice(0, 2)):
+            self.phase = "above"  # drifted off the cap: the fingertips would land on the pedestal
         if self.phase == "above":
-            if self.near(above, 0.008, slice(0, 2)) and env.tcp_pos[2] > cap[2]:
+            if self.near(above, 0.012, slice(0, 2)) and env.tcp_pos[2] > cap[2]:
                 self.phase = "press"
             return self.move_to(above), CLOSE
         press = cap + np.array([0.0, 0.0, TIP_BELOW_TCP - 0.025])

@@ -95,5 +95,7 @@ def make_expert(env: gym.Env, seed: int | None = None) -> Expert:
     """The scripted expert of ``env``'s task (``env`` may be wrapped), seeded with ``seed``."""
     unwrapped = env.unwrapped
     if not isinstance(unwrapped, TabletopEnv) or not unwrapped.task_name:
-        raise TypeError(f"make_expert needs a robolora task env; got {type(unwrapped).__name__}")
+        raise TypeError(
+            f"make_expert needs a robolora TabletopEnv task (possibly wrapped); got {type(unwrapped).__name__}"
+        )
     return get_spec(unwrapped.task_name).load_expert_class()(env, seed=seed)
