@@ -179,6 +179,7 @@ def _load_base_into_pristine(module: LoRALinear, state_dict: Mapping[str, Any], 
     if value is None or value.shape != module.pristine_weight.shape:
         return  # nothing to refresh; a shape mismatch is reported by the base layer's own load
     if module._merged is not None:
-        raise RuntimeError(f"{prefix.rstrip('.') or 'layer'}: call unmerge() before loading base weights into a merged LoRA layer")
+        where = prefix.rstrip(".") or "layer"
+        raise RuntimeError(f"{where}: call unmerge() before loading base weights into a merged LoRA layer")
     with torch.no_grad():
         module.pristine_weight.copy_(value)

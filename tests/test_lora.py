@@ -14,8 +14,9 @@ from robolora.config import LoRAConfig
 from robolora.lora import LoRALinear
 
 # bf16 keeps 8 mantissa bits: merged (one rounding of W0 + delta) and unmerged (rounded products and sums) outputs
-# of a 16-wide layer agree to a few bf16 ulps of the output's magnitude, not to fp32's 1e-5.
-BF16_REL_TOL = 3e-2
+# agree to a few bf16 ulps of the output's magnitude, not to fp32's 1e-5. Tolerance: max abs error < 2e-2 * max |out|
+# (observed <= 7.3e-3 over 20 seeds on a 16 -> 12 layer).
+BF16_REL_TOL = 2e-2
 
 
 def make_layer(d_in: int = 16, d_out: int = 12, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoRALinear:
