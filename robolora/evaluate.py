@@ -8,6 +8,7 @@ policy call until all have ended; results do not depend on ``num_envs``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -61,10 +62,15 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Pa
     return path
 
 
-def _make_envs(env_id: str, num_envs: int, env_kwargs: dict[str, Any]) -> gym.vector.VectorEnv:
+def make_env(env_id: str, env_kwargs: dict[str, Any]) -> gym.Env:
+    """``gym.make`` after registering robolora's tasks (also inside spawned vector-env workers)."""
     import robolora.envs  # noqa: F401  registers the tasks
 
-    fns = [lambda: gym.make(env_id, **env_kwargs) for _ in range(num_envs)]
+    return gym.make(env_id, **env_kwargs)
+
+
+def _make_envs(env_id: str, num_envs: int, env_kwargs: dict[str, Any]) -> gym.vector.VectorEnv:
+    fns = [functools.partial(make_env, env_id, env_kwargs) for _ in range(num_envs)]
     if num_envs == 1:
         return gym.vector.SyncVectorEnv(fns)
     return gym.vector.AsyncVectorEnv(fns, context="spawn")
