@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -307,7 +307,7 @@ class ChunkExecutor:
         self.counts[idx] = 0
         self.weights[idx] = 0.0
 
-    def step(self, batch: dict[str, torch.Tensor], predict: Any) -> torch.Tensor:
+    def step(self, batch: dict[str, torch.Tensor], predict: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
         cfg = self.config
         B = batch["proprio"].shape[0]
         if self.chunks is not None and self.chunks.shape[0] != B:
