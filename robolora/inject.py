@@ -12,7 +12,6 @@ Every function that changes the model either succeeds or leaves the model as it 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from robolora.config import REGEX_PREFIX, LoRAConfig
-from robolora.lora import AdapterSpec, LoRALinear
+from robolora.lora import AdapterSpec, LoRALinear, adapter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -231,15 +230,7 @@ def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
 
 def _model_weights(layers: dict[str, LoRALinear], spec: AdapterSpec) -> dict[str, float]:
     """Validate a name or {name: weight} against the adapters attached anywhere in the model."""
-    weights = {spec: 1.0} if isinstance(spec, str) else {str(k): float(v) for k, v in spec.items()}
-    attached = sorted({a for layer in layers.values() for a in layer.adapters})
-    unknown = [n for n in weights if n not in attached]
-    if not weights or unknown:
-        raise KeyError(f"unknown or empty adapter set {sorted(unknown) or weights}; attached: {attached}")
-    bad = {k: v for k, v in weights.items() if not math.isfinite(v)}
-    if bad:
-        raise ValueError(f"adapter weights must be finite, got {bad}")
-    return weights
+    return adapter_weights(spec, sorted({a for layer in layers.values() for a in layer.adapters}))
 
 
 def _layer_subset(layer: LoRALinear, weights: Mapping[str, float]) -> dict[str, float] | None:

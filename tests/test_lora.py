@@ -252,6 +252,8 @@ def test_bookkeeping_errors_name_the_fix() -> None:
         layer.set_active("pour")
     with pytest.raises(ValueError, match="finite"):
         layer.set_active({"a": float("nan")})
+    with pytest.raises(ValueError, match="empty adapter set"):
+        layer.merge({})
     layer.merge("a")
     with pytest.raises(RuntimeError, match="unmerge"):
         layer.remove_adapter("a")
