@@ -78,8 +78,8 @@ PROPS: dict[str, tuple[str, bool]] = {
     "sponge": ("sponge", True),
 }
 PARK_Y, FLOOR_Z = 3.0, -0.75
-MUTABLE_MODEL_FIELDS = ("body_pos", "body_quat", "geom_pos", "geom_quat", "geom_size", "geom_rgba", "site_pos",
-                        "site_rgba")
+MUTABLE_MODEL_FIELDS = ("body_pos", "body_quat", "body_gravcomp", "geom_pos", "geom_quat", "geom_size", "geom_rgba",
+                        "geom_contype", "geom_conaffinity", "site_pos", "site_rgba")
 
 _PROPRIO_LOW = np.concatenate([WORKSPACE_LOW - 0.1, [-2.0] * 3, [-0.01] * 2, [-0.02], [-1.0]]).astype(np.float32)
 _PROPRIO_HIGH = np.concatenate([WORKSPACE_HIGH + 0.1, [2.0] * 3, [0.05] * 2, [0.1], [1.0]]).astype(np.float32)
@@ -155,9 +155,9 @@ class TabletopEnv(gym.Env):
         for field, value in self._pristine.items():
             getattr(self.model, field)[:] = value
         mujoco.mj_resetData(self.model, self.data)
-        for name, (body, free) in PROPS.items():
+        for index, (name, (body, free)) in enumerate(PROPS.items()):
             if name not in self.props:
-                self._park(list(PROPS).index(name), body, free)
+                self._park(index, body, free)
         tcp = START_TCP + self.np_random.uniform(-START_JITTER, START_JITTER)
         self.data.qpos[self._hand_qadr:self._hand_qadr + 3] = tcp - TCP_OFFSET
         self.data.mocap_pos[0] = tcp - TCP_OFFSET
@@ -274,9 +274,16 @@ class TabletopEnv(gym.Env):
         return self.np_random.uniform(WORK_AREA_LOW + margin, WORK_AREA_HIGH - margin)
 
     def _park(self, index: int, body: str, free: bool) -> None:
-        home = self._pristine["body_pos"][self.model.body(body).id]
-        park = np.array([-1.6 + 0.4 * index, PARK_Y, home[2] + FLOOR_Z])
+        """Move an unused prop behind the table, out of view; a free prop also floats without contacts there,
+        which saves the solver its floor contacts (~40% of a reach step's physics)."""
+        body_id = self.model.body(body).id
+        park = np.array([-1.6 + 0.4 * index, PARK_Y, self._pristine["body_pos"][body_id][2] + FLOOR_Z])
         if free:
             self.set_free_pose(body, park)
+            self.model.body_gravcomp[body_id] = 1.0
+            first = self.model.body_geomadr[body_id]
+            geoms = slice(first, first + self.model.body_geomnum[body_id])
+            self.model.geom_contype[geoms] = 0
+            self.model.geom_conaffinity[geoms] = 0
         else:
             self.set_fixture_pos(body, park)
