@@ -152,12 +152,16 @@ def test_unused_props_are_parked_and_unit_action_moves_two_centimetres() -> None
     env = make("reach", terminate_on_success=False)
     env.reset(seed=0)
     base: TabletopEnv = env.unwrapped
-    for body in ("block", "cabinet", "button_base", "rack", "plate", "sponge"):
+    parked = ("block", "cabinet", "button_base", "rack", "plate", "sponge")
+    for body in parked:
         assert base.body_pos(body)[1] > 2.0, f"{body} should be parked behind the table in reach"
+    before = {body: base.body_pos(body) for body in parked}
     start = base.tcp_pos
     for _ in range(5):
         env.step(np.array([1.0, 0.0, 0.0, 1.0], np.float32))
     assert base.tcp_pos[0] - start[0] == pytest.approx(0.1, abs=0.01)
+    for body in parked:  # parked free props float still, without contacts
+        np.testing.assert_allclose(base.body_pos(body), before[body], atol=1e-6)
     env.close()
 
 
