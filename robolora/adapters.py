@@ -1,0 +1,292 @@
+"""Skill adapter files: save, load, validate, attach, and convert to and from the PEFT layout (DESIGN.md §4).
+
+An adapter folder holds ``adapter.safetensors`` (``<layer>.lora_A`` (r, d_in) and ``<layer>.lora_B`` (d_out, r)
+per adapted layer, plus the skill's ``skill_token`` (d_model,)) and ``adapter.json`` (skill name, LoRA config,
+layers, the base fingerprint it was trained on, training data and metrics). Loading validates everything before
+anything touches a policy: a truncated or corrupt file, a missing or extra tensor, a wrong shape, NaN/Inf values
+or another base's fingerprint are each an error naming the problem; a refused attach leaves the policy as it was.
+
+PEFT layout (peft >= 0.13): ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight`` /
+``.lora_B.weight`` and ``adapter_config.json`` (``LoraConfig`` fields). PEFT has no place for a skill token, so it
+travels beside them as ``robolora_skill.safetensors`` + ``robolora_skill.json``; PEFT ignores both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from robolora.config import LoRAConfig
+from robolora.inject import inject_lora, lora_layers, remove_adapter
+from robolora.policies import base_fingerprint
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "robolora-adapter"
+FORMAT_VERSION = 1
+WEIGHTS, META = "adapter.safetensors", "adapter.json"
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+SKILL_TOKEN = "skill_token"
+_RESERVED = ("format", "format_version", "skill", "lora", "layers", "skill_token", "base_fingerprint", "parameters")
+
+
+@dataclass
+class SkillAdapter:
+    """One skill in memory: LoRA A/B per layer, the skill token and the metadata of ``adapter.json``."""
+
+    skill: str
+    config: LoRAConfig
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (A (r, d_in), B (d_out, r))
+    skill_token: torch.Tensor | None
+    base_fingerprint: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer, (a, b) in self.lora.items():
+            out[f"{layer}.lora_A"], out[f"{layer}.lora_B"] = a, b
+        if self.skill_token is not None:
+            out[SKILL_TOKEN] = self.skill_token
+        return out
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+
+def _atomic_dir(path: Path) -> tuple[Path, Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+
+
+def _commit_dir(tmp: Path, path: Path) -> Path:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def save_adapter(adapter: SkillAdapter, path: str | Path) -> Path:
+    """Write ``adapter.safetensors`` + ``adapter.json`` atomically (a folder appears complete or not at all)."""
+    path, tmp = _atomic_dir(Path(path))
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.tensors().items()}
+    save_file(tensors, str(tmp / WEIGHTS))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "skill": adapter.skill,
+            "lora": adapter.config.to_dict(), "layers": sorted(adapter.lora), "skill_token": SKILL_TOKEN in tensors,
+            "base_fingerprint": adapter.base_fingerprint, "parameters": adapter.num_parameters, **adapter.metadata}
+    (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
+    return _commit_dir(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an adapter folder holds {WEIGHTS} and {META}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the adapter file is corrupt, re-export it") from e
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an adapter folder holds {WEIGHTS} and {META}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({e}); re-train or re-copy the adapter") from e
+
+
+def load_adapter(path: str | Path) -> SkillAdapter:
+    """Read and validate an adapter folder (robolora layout, or PEFT layout via :func:`from_peft`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist")
+    if not (path / META).exists() and (path / PEFT_CONFIG).exists():
+        return from_peft(path)
+    meta = _read_json(path / META)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / META} is not a robolora adapter (format {meta.get('format')!r})")
+    try:
+        config = LoRAConfig.from_dict(meta["lora"])
+        layers, skill = list(meta["layers"]), str(meta["skill"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path / META} lacks or has an invalid field ({e}); the adapter file is corrupt") from e
+    tensors = _read_tensors(path / WEIGHTS)
+    token = tensors.pop(SKILL_TOKEN, None)
+    if meta.get("skill_token") and token is None:
+        raise ValueError(f"{path / WEIGHTS} lacks the tensor {SKILL_TOKEN!r} that {META} announces")
+    lora = _pair_tensors(tensors, layers, config.rank, path / WEIGHTS)
+    extra = {k: v for k, v in meta.items() if k not in _RESERVED}
+    adapter = SkillAdapter(skill, config, lora, token, meta.get("base_fingerprint"), extra)
+    _check_finite(adapter, path)
+    return adapter
+
+
+def _pair_tensors(tensors: dict[str, torch.Tensor], layers: list[str], rank: int,
+                  where: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    expected = {f"{layer}.lora_{m}" for layer in layers for m in "AB"}
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(f"{where}: missing tensors {missing[:6]}, unexpected tensors {extra[:6]}; "
+                         "the file does not match its adapter.json (corrupt or hand-edited)")
+    lora = {}
+    for layer in layers:
+        a, b = tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise ValueError(f"{where}: {layer} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected "
+                             f"({rank}, d_in) and (d_out, {rank}) for rank {rank}")
+        lora[layer] = (a, b)
+    return lora
+
+
+def _check_finite(adapter: SkillAdapter, where: Path) -> None:
+    bad = [name for name, t in adapter.tensors().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{where}: tensors {bad[:6]} hold NaN or Inf (training diverged?); this adapter is unusable")
+
+
+def adapter_from_policy(policy: nn.Module, name: str, skill: str | None = None,
+                        metadata: dict[str, Any] | None = None) -> SkillAdapter:
+    """Collect adapter ``name`` (A/B of every layer holding it, and the policy's skill token) from a policy."""
+    layers = {n: m for n, m in lora_layers(policy).items() if name in m.adapters}
+    if not layers:
+        raise KeyError(f"no layer holds adapter {name!r}; attached: "
+                       f"{sorted({a for m in lora_layers(policy).values() for a in m.adapters})}")
+    configs = {m.configs[name] for m in layers.values()}
+    if len(configs) != 1:
+        raise ValueError(f"adapter {name!r} has different configs in different layers: {configs}")
+    config = configs.pop()
+    config = LoRAConfig(**{**config.to_dict(), "targets": tuple(config.targets)})
+    lora = {n: (m.lora_A[name].detach().clone(), m.lora_B[name].detach().clone()) for n, m in layers.items()}
+    token = getattr(policy, "skill_token", None)
+    return SkillAdapter(skill or name, config, lora, None if token is None else token.detach().clone(),
+                        base_fingerprint(policy), dict(metadata or {}))
+
+
+def attach(policy: nn.Module, adapter: SkillAdapter, name: str | None = None,
+           check_fingerprint: bool = True) -> str:
+    """Add ``adapter`` to ``policy`` under ``name`` (default: its skill name); validated first, all or nothing.
+
+    Returns the name. The skill token is not installed here (that is activation's job): see
+    :meth:`SkillAdapter.skill_token` and ``robolora.skills.SkillManager``.
+    """
+    name = name or adapter.skill
+    if check_fingerprint and adapter.base_fingerprint is not None:
+        actual = base_fingerprint(policy)
+        if actual != adapter.base_fingerprint:
+            raise ValueError(f"adapter {adapter.skill!r} was trained on base {adapter.base_fingerprint[:16]}... "
+                             f"but this policy is base {actual[:16]}...; load the base it was trained on "
+                             f"(full fingerprints: adapter {adapter.base_fingerprint}, policy {actual})")
+    modules = dict(policy.named_modules())
+    for layer, (a, b) in adapter.lora.items():
+        module = modules.get(layer)
+        base = getattr(module, "base_layer", module)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"adapter {adapter.skill!r} targets {layer!r}, which is not an nn.Linear of this policy")
+        if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+            raise ValueError(f"adapter {adapter.skill!r}: {layer} expects ({base.out_features}, {base.in_features}) "
+                             f"but lora_B @ lora_A is ({b.shape[0]}, {a.shape[1]}); wrong base architecture")
+    d_model = getattr(getattr(policy, "config", None), "d_model", None)
+    if adapter.skill_token is not None and d_model is not None and adapter.skill_token.shape != (d_model,):
+        raise ValueError(f"adapter {adapter.skill!r}: skill token has shape {tuple(adapter.skill_token.shape)}, "
+                         f"the policy needs ({d_model},)")
+    config = LoRAConfig(**{**adapter.config.to_dict(), "targets": tuple(adapter.lora)})
+    inject_lora(policy, config, name)
+    layers = lora_layers(policy)
+    with torch.no_grad():
+        for layer, (a, b) in adapter.lora.items():
+            target = layers[layer]
+            target.lora_A[name].copy_(a)
+            target.lora_B[name].copy_(b)
+    return name
+
+
+def detach(policy: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer (it must not be merged)."""
+    remove_adapter(policy, name)
+
+
+def attach_for_eval(policy: nn.Module, path: str | Path) -> str:
+    """Load an adapter folder, attach it and make it the active skill (for ``robolora eval --skill``)."""
+    from robolora.inject import set_active_adapter
+
+    adapter = load_adapter(path)
+    name = attach(policy, adapter)
+    set_active_adapter(policy, name)
+    if adapter.skill_token is not None:
+        device = next(policy.parameters()).device
+        policy.set_skill_token(nn.Parameter(adapter.skill_token.to(device), requires_grad=False))
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------ PEFT
+def to_peft(adapter: SkillAdapter, path: str | Path) -> Path:
+    """Write the adapter in PEFT's layout (loadable with ``PeftModel.from_pretrained`` on the policy module)."""
+    path, tmp = _atomic_dir(Path(path))
+    tensors = {}
+    for layer, (a, b) in adapter.lora.items():
+        tensors[f"{PEFT_PREFIX}{layer}.lora_A.weight"] = a.detach().float().contiguous()
+        tensors[f"{PEFT_PREFIX}{layer}.lora_B.weight"] = b.detach().float().contiguous()
+    save_file(tensors, str(tmp / PEFT_WEIGHTS))
+    c = adapter.config
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": c.rank,
+        "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.rslora, "bias": "none",
+        "target_modules": sorted(adapter.lora), "init_lora_weights": "gaussian" if c.init_std is None else True,
+        "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True, "use_dora": False,
+        "revision": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=1))
+    if adapter.skill_token is not None:
+        save_file({SKILL_TOKEN: adapter.skill_token.detach().float().contiguous()}, str(tmp / "robolora_skill.safetensors"))
+    (tmp / "robolora_skill.json").write_text(json.dumps({"skill": adapter.skill, "base_fingerprint":
+                                                        adapter.base_fingerprint, "init_std": c.init_std}, indent=1))
+    return _commit_dir(tmp, path)
+
+
+def from_peft(path: str | Path, skill: str | None = None) -> SkillAdapter:
+    """Read a PEFT LoRA adapter folder (and robolora's skill-token side files when present)."""
+    path = Path(path)
+    cfg = _read_json(path / PEFT_CONFIG)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path / PEFT_CONFIG}: peft_type {cfg.get('peft_type')!r}; only LORA adapters convert")
+    unsupported = {k: cfg[k] for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)}
+    if unsupported or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: PEFT options {unsupported or 'dora/bias'} have no robolora equivalent")
+    tensors = {}
+    for key, value in _read_tensors(path / PEFT_WEIGHTS).items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith(".weight"):
+            raise ValueError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<layer>."
+                             "lora_A.weight / lora_B.weight)")
+        tensors[key[len(PEFT_PREFIX):-len(".weight")]] = value
+    layers = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    side = _read_json(path / "robolora_skill.json") if (path / "robolora_skill.json").exists() else {}
+    rank = int(cfg["r"])
+    config = LoRAConfig(rank=rank, alpha=float(cfg["lora_alpha"]), targets=tuple(layers),
+                        dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False)),
+                        init_std=side.get("init_std"))
+    lora = _pair_tensors(tensors, layers, rank, path / PEFT_WEIGHTS)
+    token = None
+    if (path / "robolora_skill.safetensors").exists():
+        token = _read_tensors(path / "robolora_skill.safetensors").get(SKILL_TOKEN)
+    adapter = SkillAdapter(skill or side.get("skill") or path.name, config, lora, token,
+                           side.get("base_fingerprint"), {"source": "peft"})
+    _check_finite(adapter, path)
+    return adapter
