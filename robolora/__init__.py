@@ -10,20 +10,36 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from robolora.config import ATTENTION_TARGETS, LoRAConfig  # noqa: E402
-from robolora.inject import (  # noqa: E402
-    count_parameters,
-    inject_lora,
-    lora_layers,
-    mark_only_lora_trainable,
-    merge_adapter,
-    remove_adapter,
-    set_active_adapter,
-    strip_lora,
-    unmerge,
-)
-from robolora.lora import LoRALinear  # noqa: E402
-from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy, save_policy  # noqa: E402
+# Names are imported lazily (PEP 562) so that torch-free parts, such as the deploy-side ``robolora.controller``,
+# can be imported on a machine without torch.
+_EXPORTS = {
+    "ATTENTION_TARGETS": "robolora.config",
+    "LoRAConfig": "robolora.config",
+    "LoRALinear": "robolora.lora",
+    "count_parameters": "robolora.inject",
+    "inject_lora": "robolora.inject",
+    "lora_layers": "robolora.inject",
+    "mark_only_lora_trainable": "robolora.inject",
+    "merge_adapter": "robolora.inject",
+    "remove_adapter": "robolora.inject",
+    "set_active_adapter": "robolora.inject",
+    "strip_lora": "robolora.inject",
+    "unmerge": "robolora.inject",
+    "PolicyConfig": "robolora.policies",
+    "VisuomotorPolicy": "robolora.policies",
+    "base_fingerprint": "robolora.policies",
+    "load_policy": "robolora.policies",
+    "save_policy": "robolora.policies",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'robolora' has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",
