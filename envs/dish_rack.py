@@ -6,7 +6,8 @@ choosing the slot from a colour cue. The cue is a tall marker behind each slot (
 grey), widened here so it spans several pixels at 64 px: a thin floor strip was misread by trained policies.
 
 Success: the plate stands upright (face normal within 15 degrees of the slots' x axis), its centre is inside the
-lit slot (within 7 mm across and 3 cm along the slot, resting low), and no finger touches it.
+lit slot (within 7 mm across and 3 cm along the slot, resting low), and no finger touches it. The plate gets
+rolling friction so that, once released, it stays in the slot instead of rolling along it.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class DishRackExpert(Expert):
         self.slot_offset = self.jitter(np.array([0.0015, 0.006, 0.0]))
         self.carry_speed = float(self.rng.uniform(0.7, 1.0))
         self.counter = 0
+        self.lift_xy = np.zeros(2)  # where the plate was grasped: it is lifted straight up from there
 
     def _act(self) -> tuple[np.ndarray, float]:
         env: DishRackEnv = self.env  # type: ignore[assignment]
@@ -185,8 +187,11 @@ class DishRackExpert(Expert):
             self.counter += 1
             if plate[2] < PLATE_REST_Z + 0.006:
                 self.phase, self.counter = "release", 0
-            elif plate[2] > WALL_TOP_Z + PLATE_RADIUS - 0.003 and (abs(error[0]) > 0.005 or self.counter > 3):
-                self.phase = "align"  # landed on a wall top: back up and line up again
+            elif plate[2] > WALL_TOP_Z + PLATE_RADIUS - 0.003 and (
+                    abs(error[0]) > 0.005 or self.counter > 2 or abs(env.plate_normal()[2]) > 0.05):
+                # landed on a wall top (stalled or tipping in the grasp): back up before it twists out of the hand
+                self.phase = "align"
+                return approach(self, hover + hold, 0.7), CLOSE
             seated = np.array([slot[0], slot[1], PLATE_REST_Z])
             return approach(self, seated + hold, 1.0), CLOSE
         self.counter += 1

@@ -168,6 +168,8 @@ class WipeExpert(Expert):
             elif self.counter > 12:
                 self.phase = "above"
             return approach(self, grasp, 0.3), CLOSE
+        if env.wiped.all():  # done (the env runs on when terminate_on_success=False): lift the sponge off
+            return self.move_to(np.array([tcp[0], tcp[1], clear + 0.03]), 0.5), CLOSE
         hold = tcp - sponge  # steer the sponge centre, not the hand
         dirt = env.spots[np.flatnonzero(~env.wiped)[0]] + self.spot_offset
         if self.phase == "travel":

@@ -177,6 +177,17 @@ def test_wipe_expert_hides_each_spot_as_the_pressed_sponge_covers_it() -> None:
 
 
 @pytest.mark.parametrize("task", ["dish_rack", "wipe"])
+def test_success_lasts_when_the_episode_runs_on(task: str) -> None:
+    env = make(task, terminate_on_success=False)
+    successes: list[bool] = []
+    _, length = expert_episode(env, 7, lambda info: successes.append(info["success"]))
+    env.close()
+    first = successes.index(True)
+    assert length == env.spec.max_episode_steps and first < length - 20  # ran on well past the first success
+    assert all(successes[first:])
+
+
+@pytest.mark.parametrize("task", ["dish_rack", "wipe"])
 def test_experts_succeed_on_a_few_seeds(task: str) -> None:
     env = make(task)
     results = [expert_episode(env, seed) for seed in (100, 101, 102)]
