@@ -25,6 +25,9 @@ EPILOG = """examples:
   robolora collect --task reach --episodes 200 --out data/reach
   robolora pretrain --data data/reach data/push --out runs/base --steps 20000
   robolora eval --policy runs/base --task reach --episodes 50
+  robolora collect --task dish_rack --episodes 50 --out data/dish_rack
+  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 8
+  robolora eval --skill runs/dish_rack --task dish_rack --episodes 50
 """
 
 
@@ -108,22 +111,55 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_run(path: Path, sub: str, marker: str) -> Path:
+    """Accept a run folder (``runs/x`` holding ``policy/`` or ``adapter/``) wherever its artifact is expected."""
+    return path / sub if not (path / marker).exists() and (path / sub / marker).exists() else path
+
+
+def cmd_train_skill(args: argparse.Namespace) -> int:
+    from robolora.config import LoRAConfig
+    from robolora.recipes import train_skill
+    from robolora.train import TrainConfig
+
+    targets = ("attn.q", "attn.k", "attn.v", "attn.o") + (("mlp.fc1", "mlp.fc2") if args.mlp else ())
+    lora = LoRAConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank, targets=targets)
+    lr = args.lr if args.lr else (1e-3 if args.method == "lora" else 3e-4)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0,
+                         warmup_steps=min(100, args.steps // 10), seed=args.seed, device=args.device,
+                         checkpoint_every=args.checkpoint_every)
+    bar = Progress(args.steps, f"train-skill {args.method}", not args.json)
+    try:
+        info = train_skill(resolve_run(args.base, "policy", "config.json"), args.data, args.out, method=args.method,
+                           lora=lora, config=config, demos=args.demos, resume=args.resume,
+                           eval_episodes=args.eval_episodes, on_step=bar.update_to)
+    finally:
+        bar.close()
+    summary = {"skill": info["skill"], "method": info["method"], "out": info["out"], "demos": info["demos"],
+               "trainable_params": info["trainable_params"],
+               "trainable_%_of_base": round(info["trainable_percent_of_base"], 3),
+               "size_kb": round(info["size_bytes"] / 1024, 1), "train_loss": info["train_metrics"]["train/loss"],
+               "train_wall_s": round(info["train_metrics"]["train/wall_s"], 1), **info.get("eval", {})}
+    emit(args, info if args.json else summary)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from robolora.envs import BASE_TASKS, TASKS
     from robolora.evaluate import evaluate
     from robolora.policies import load_policy
     from robolora.train import resolve_device
 
-    policy = load_policy(args.policy, device=str(resolve_device(args.device)))
+    policy = load_policy(resolve_run(args.policy, "policy", "config.json"), device=str(resolve_device(args.device)))
     if args.skill:
         from robolora.adapters import attach_for_eval
 
-        attach_for_eval(policy, args.skill)
+        attach_for_eval(policy, resolve_run(args.skill, "adapter", "adapter.json"))
     rows = []
     for task in args.task:
         env_id = TASKS.get(task, task)
         name = next((k for k, v in TASKS.items() if v == env_id), task)
-        task_id = BASE_TASKS.index(name) if name in BASE_TASKS and not args.skill else None
+        uses_task_id = name in BASE_TASKS and policy.skill_token is None
+        task_id = BASE_TASKS.index(name) if uses_task_id else None
         bar = Progress(args.episodes, f"eval {name}", not args.json)
         video = None
         if args.video:
@@ -216,6 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("train-skill", help="train a new skill on the frozen base: LoRA adapter (or a baseline)",
+                       epilog="example: robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 8")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder of the skill (robolora collect)")
+    p.add_argument("--out", type=Path, required=True, help="run folder; the adapter goes to OUT/adapter")
+    p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
+    p.add_argument("--method", default="lora", choices=["lora", "full", "scratch"],
+                   help="lora (default; base frozen), full fine-tuning, or from scratch (baselines)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--mlp", action="store_true", help="also adapt the MLP (fc1, fc2), not only attention q/k/v/o")
+    p.add_argument("--demos", type=int, default=None, help="use only the first N demos (default all)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 3e-4 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--eval-episodes", type=int, default=0, help="evaluate on N held-out episodes at the end")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    _common(p)
+    p.set_defaults(func=cmd_train_skill)
+
     p = sub.add_parser("eval", help="success rate (95%% interval), episode length and latency over seeded episodes",
                        epilog="example: robolora eval --policy policies/pretrained/base --task reach push")
     p.add_argument("--policy", type=Path, default=None, help="policy checkpoint (default: the shipped base)")
@@ -242,10 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from robolora.evaluate import EVAL_SEED
 
         args.seed = EVAL_SEED
-    if getattr(args, "policy", 0) is None:
-        from robolora.recipes import shipped_base
+    for attr in ("policy", "base"):
+        if getattr(args, attr, 0) is None:
+            from robolora.recipes import shipped_base
 
-        args.policy = shipped_base()
+            setattr(args, attr, shipped_base())
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -368,10 +368,12 @@ class BCDataset(Dataset):
     flagged in ``action_is_pad`` bool (K,). Proprio and actions (a few MB) live in RAM; frames are sliced out of the
     memory-mapped episode files on access, so workers share the page cache instead of copying every image.
     ``task_ids`` maps task name -> id; None uses the order of ``robolora.envs.TASKS`` (base tasks 0..4).
+    ``max_episodes`` keeps only the first N episodes of each folder (a demo budget, e.g. 10/25/50 demos).
     A missing, corrupt or truncated episode file raises an error naming it.
     """
 
-    def __init__(self, dirs: Sequence[str | Path], chunk_size: int, task_ids: dict[str, int] | None = None) -> None:
+    def __init__(self, dirs: Sequence[str | Path], chunk_size: int, task_ids: dict[str, int] | None = None,
+                 max_episodes: int | None = None) -> None:
         if isinstance(dirs, (str, Path)):
             dirs = [dirs]
         if not dirs:
@@ -393,13 +395,16 @@ class BCDataset(Dataset):
                     f"{folder} has image_size={manifest['image_size']}, cameras={manifest['cameras']} but {dirs[0]} "
                     f"has image_size={self.image_size}, cameras={list(self.cameras)}; datasets must match"
                 )
+            if max_episodes is not None and len(manifest["episodes"]) < max_episodes:
+                raise ValueError(f"{folder} has {len(manifest['episodes'])} episodes but max_episodes={max_episodes}; "
+                                 f"collect more with `robolora collect --episodes {max_episodes}` on that folder")
             if manifest["task"] not in task_ids:
                 raise ValueError(f"task {manifest['task']!r} of {folder} has no id in task_ids {task_ids}")
         self.files: list[str] = []
         self.task_of_episode: list[int] = []
         proprio, actions, lengths = [], [], []
         for folder, manifest in zip(dirs, self.manifests):
-            for entry in manifest["episodes"]:
+            for entry in manifest["episodes"][:max_episodes]:
                 path = Path(folder) / entry["file"]
                 episode = _read_episode_header(path, entry["length"], self.cameras, self.image_size)
                 self.files.append(str(path))
@@ -414,6 +419,8 @@ class BCDataset(Dataset):
         self._handles: dict[int, Any] = {}
         self._handles_pid = os.getpid()
         self.stats = _combine_stats(self.manifests)
+        if max_episodes is not None:  # a demo budget: statistics of exactly the episodes used
+            self.stats.update(_sample_stats(self.proprio, self.actions))
         logger.info("BCDataset: %d episodes, %d samples from %d folders", len(self.files), len(self), len(dirs))
 
     def __len__(self) -> int:
@@ -502,6 +509,13 @@ def _read_episode_header(path: Path, length: int, cameras: tuple[str, ...], imag
     if not all(bool(torch.isfinite(array).all()) for array in arrays.values()):
         raise ValueError(f"episode file {path} holds non-finite proprio or actions; {fix}")
     return arrays
+
+
+def _sample_stats(proprio: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of the loaded steps themselves (used when only part of each folder is loaded)."""
+    return {"proprio_mean": proprio.mean(0), "proprio_std": proprio.std(0, unbiased=False).clamp(min=STD_FLOOR),
+            "action_mean": actions.mean(0), "action_std": actions.std(0, unbiased=False).clamp(min=STD_FLOOR),
+            "action_min": actions.min(0).values, "action_max": actions.max(0).values}
 
 
 def _combine_stats(manifests: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

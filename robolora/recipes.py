@@ -1,4 +1,5 @@
-"""Training recipes built on the one BC loop (robolora.train): pretraining the multi-task base policy.
+"""Training recipes built on the one BC loop (robolora.train): pretraining the base, and a new skill by LoRA
+(base frozen), full fine-tuning, or from scratch (the baselines of the skill table).
 
 A recipe turns dataset folders into a :class:`~robolora.data.BCDataset` with task-balanced sampling (TRAINING.md:
 reach episodes are 8 steps, so uniform sampling starves it), builds or loads the policy, decides which
@@ -15,14 +16,19 @@ from typing import Any
 
 import torch
 
+from robolora.adapters import adapter_from_policy, save_adapter
+from robolora.config import LoRAConfig
 from robolora.data import BCDataset, load_manifest
 from robolora.envs import BASE_TASKS, TASKS
-from robolora.policies import PolicyConfig, VisuomotorPolicy, save_policy
+from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
+from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy, save_policy
 from robolora.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
 POLICY_DIR = "policy"
+ADAPTER_DIR = "adapter"
+SKILL_METHODS = ("lora", "full", "scratch")
 
 
 def shipped_base() -> Path:
@@ -100,3 +106,77 @@ def pretrain(
         "train_config": config.to_dict(), "train_metrics": metrics,
         "samples": len(dataset)})
     return metrics
+
+
+def _skill_token(policy: VisuomotorPolicy) -> torch.nn.Parameter:
+    # Start the new skill's identity at the centre of the base tasks' embeddings: a fresh adapter then behaves like
+    # an "average" base task instead of an arbitrary one.
+    start = policy.task_embed.weight.detach().mean(0).clone()
+    return torch.nn.Parameter(start)
+
+
+def train_skill(
+    base: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    method: str = "lora",
+    lora: LoRAConfig = LoRAConfig(),
+    config: TrainConfig = TrainConfig(steps=3000, lr=1e-3, weight_decay=0.0, warmup_steps=100),
+    demos: int | None = None,
+    resume: bool = False,
+    eval_episodes: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Behaviour-clone a new skill from ``data_dir`` on top of the base checkpoint ``base``.
+
+    ``method``: ``lora`` freezes the base and trains LoRA A/B (``lora.targets``) plus the skill token, saving an
+    adapter to ``out_dir/adapter``; ``full`` fine-tunes every base weight plus the token and ``scratch`` trains a
+    fresh policy of the base's architecture, both saving a policy to ``out_dir/policy``. ``demos`` limits the data
+    to the first N episodes. ``eval_episodes > 0`` evaluates the result on held-out seeds of the skill's task.
+    Returns training metrics, parameter counts, output path and size, and evaluation metrics.
+    """
+    if method not in SKILL_METHODS:
+        raise ValueError(f"method={method!r}: use one of {SKILL_METHODS}")
+    skill = task_of(data_dir)
+    if skill in BASE_TASKS:
+        logger.warning("%s is a base task; training it as a new skill anyway", skill)
+    policy = load_policy(base)
+    fingerprint = base_fingerprint(policy)
+    total_base = sum(p.numel() for p in policy.parameters())
+    dataset = BCDataset([data_dir], chunk_size=policy.config.chunk_size, task_ids={skill: 0}, max_episodes=demos)
+    torch.manual_seed(config.seed)
+    if method == "scratch":
+        policy = VisuomotorPolicy(policy.config)
+        policy.set_normalization(dataset.stats)
+    policy.set_skill_token(_skill_token(policy))
+    if method == "lora":
+        inject_lora(policy, lora, skill, generator=torch.Generator().manual_seed(config.seed))
+        mark_only_lora_trainable(policy, extra=[policy.skill_token])
+        set_active_adapter(policy, skill)
+    else:
+        policy.requires_grad_(True)
+    counts = count_parameters(policy)
+    logger.info("train-skill %s (%s): %d trainable parameters (%.2f%% of the base), %d samples", skill, method,
+                counts["trainable"], 100 * counts["trainable"] / total_base, len(dataset))
+    metrics = train(policy, dataset, config, out_dir, resume=resume, on_step=on_step)
+    policy.cpu().eval()
+    info = {"skill": skill, "method": method, "demos": len(dataset.files), "samples": len(dataset),
+            "trainable_params": counts["trainable"], "trainable_percent_of_base": 100 * counts["trainable"] / total_base,
+            "base": str(base), "base_fingerprint": fingerprint, "data": str(data_dir),
+            "train_config": config.to_dict(), "train_metrics": metrics}
+    if eval_episodes:
+        from robolora.evaluate import evaluate
+
+        m = evaluate(policy, TASKS[skill], eval_episodes)
+        info["eval"] = {k: v for k, v in m.items() if k != "episodes"}
+    if method == "lora":
+        adapter = adapter_from_policy(policy, skill, metadata={k: v for k, v in info.items()
+                                                               if k not in ("skill", "base_fingerprint")})
+        out = save_adapter(adapter, Path(out_dir) / ADAPTER_DIR)
+        info["size_bytes"] = (out / "adapter.safetensors").stat().st_size
+    else:
+        out = save_policy(policy, Path(out_dir) / POLICY_DIR, metadata=info)
+        info["size_bytes"] = (Path(out) / "model.safetensors").stat().st_size
+    info["out"] = str(out)
+    return info

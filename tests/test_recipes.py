@@ -1,0 +1,74 @@
+"""Recipes end to end on real demos with the tiny preset: pretrain, then a skill by LoRA / full FT / scratch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robolora.adapters import load_adapter
+from robolora.data import collect
+from robolora.policies import base_fingerprint, load_policy
+from robolora.recipes import pretrain, train_skill
+from robolora.train import TrainConfig
+
+FAST = TrainConfig(steps=6, batch_size=8, warmup_steps=1, log_every=3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demos")
+    collect("robolora/Reach-v0", 2, root / "reach", seed=0)
+    collect("robolora/ButtonPress-v0", 2, root / "button_press", seed=0)
+    collect("robolora/DishRack-v0", 2, root / "dish_rack", seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(demos, tmp_path_factory):
+    run = tmp_path_factory.mktemp("base")
+    pretrain([demos / "reach", demos / "button_press"], run, preset="tiny", config=FAST)
+    return run / "policy"
+
+
+def test_pretrain_saves_a_loadable_base_with_its_tasks(base):
+    policy = load_policy(base)
+    meta = json.loads((base / "config.json").read_text())["metadata"]
+    assert meta["tasks"] == {"reach": 0, "button_press": 4}
+    assert policy.config.d_model == 32 and not policy.training
+    assert torch.isfinite(policy.proprio_std).all() and (policy.proprio_std > 0).all()
+
+
+def test_pretrain_refuses_skill_data(demos, tmp_path):
+    with pytest.raises(ValueError, match="base tasks"):
+        pretrain([demos / "dish_rack"], tmp_path, preset="tiny", config=FAST)
+
+
+def test_lora_skill_trains_only_the_adapter_and_keeps_the_base(base, demos, tmp_path):
+    fingerprint = base_fingerprint(load_policy(base))
+    info = train_skill(base, demos / "dish_rack", tmp_path, method="lora", config=FAST)
+    assert info["skill"] == "dish_rack" and info["demos"] == 2
+    assert 0 < info["trainable_percent_of_base"] < 100
+    adapter = load_adapter(tmp_path / "adapter")
+    assert adapter.base_fingerprint == fingerprint and adapter.skill_token is not None
+    assert any(b.abs().sum() > 0 for _, b in adapter.lora.values()), "training must move B off zero"
+    assert base_fingerprint(load_policy(base)) == fingerprint, "the base checkpoint is never written"
+    assert adapter.metadata["train_metrics"]["train/loss"] > 0
+
+
+def test_demo_budget_limits_episodes(base, demos, tmp_path):
+    info = train_skill(base, demos / "dish_rack", tmp_path, method="lora", config=FAST, demos=1)
+    assert info["demos"] == 1
+    with pytest.raises(ValueError, match="collect more"):
+        train_skill(base, demos / "dish_rack", tmp_path / "x", config=FAST, demos=5)
+
+
+@pytest.mark.parametrize("method", ["full", "scratch"])
+def test_baselines_save_whole_policies_with_a_skill_token(base, demos, tmp_path, method):
+    info = train_skill(base, demos / "dish_rack", tmp_path, method=method, config=FAST)
+    policy = load_policy(tmp_path / "policy")
+    assert policy.skill_token is not None
+    assert info["trainable_percent_of_base"] > 99
+    changed = base_fingerprint(policy) != base_fingerprint(load_policy(base))
+    assert changed, f"{method} must change the base weights"
