@@ -26,7 +26,7 @@ EPILOG = """examples:
   robolora pretrain --data data/reach data/push --out runs/base --steps 20000
   robolora eval --policy runs/base --task reach --episodes 50
   robolora collect --task dish_rack --episodes 50 --out data/dish_rack
-  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 8
+  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 4
   robolora eval --skill runs/dish_rack --task dish_rack --episodes 50
 """
 
@@ -253,13 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train-skill", help="train a new skill on the frozen base: LoRA adapter (or a baseline)",
-                       epilog="example: robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 8")
+                       epilog="example: robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 4")
     p.add_argument("--data", type=Path, required=True, help="dataset folder of the skill (robolora collect)")
     p.add_argument("--out", type=Path, required=True, help="run folder; the adapter goes to OUT/adapter")
     p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
     p.add_argument("--method", default="lora", choices=["lora", "full", "scratch"],
                    help="lora (default; base frozen), full fine-tuning, or from scratch (baselines)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--rank", type=int, default=4,
+                   help="LoRA rank (default 4: 1.6%% of the base's parameters on q/k/v/o)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--mlp", action="store_true", help="also adapt the MLP (fc1, fc2), not only attention q/k/v/o")
     p.add_argument("--demos", type=int, default=None, help="use only the first N demos (default all)")

@@ -1,0 +1,148 @@
+"""The skill table: LoRA vs full fine-tuning vs scratch vs the frozen base, per skill and demo budget.
+
+Usage:
+    python scripts/skill_table.py --work runs/skill_table                       # every cell (hours on 2 CPU cores)
+    python scripts/skill_table.py --work runs/skill_table --skills dish_rack --demos 50 --methods lora_r4 full
+    python scripts/skill_table.py --work runs/skill_table --report-only         # rewrite the table from done cells
+
+Each cell (skill, demo budget, method) trains with `robolora.recipes.train_skill`, evaluates on 50 held-out
+episodes and stores its result as ``<work>/cells/<skill>-<demos>-<method>.json``; finished cells are skipped, so
+the table can be filled over several runs. The table goes to ``docs/skill_table.md`` and the plot to
+``docs/skill_table.png``; cells not run yet show as "not run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from robolora.config import LoRAConfig  # noqa: E402
+from robolora.data import collect  # noqa: E402
+from robolora.envs import SKILL_TASKS, TASKS  # noqa: E402
+from robolora.evaluate import evaluate  # noqa: E402
+from robolora.policies import load_policy  # noqa: E402
+from robolora.recipes import shipped_base, train_skill  # noqa: E402
+from robolora.train import TrainConfig  # noqa: E402
+
+METHODS = {  # name -> (recipe method, LoRA rank, learning rate)
+    "lora_r2": ("lora", 2, 1e-3),
+    "lora_r4": ("lora", 4, 1e-3),
+    "full": ("full", None, 3e-4),
+    "scratch": ("scratch", None, 5e-4),
+    "frozen": (None, None, None),
+}
+BUDGETS = (10, 25, 50)
+
+
+def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps: int, episodes: int) -> dict:
+    recipe, rank, lr = METHODS[method]
+    data = work / "data" / skill
+    if recipe is None:  # the frozen base as it ships: no training, task id 0 (it has no id for the skill)
+        t0 = time.perf_counter()
+        m = evaluate(load_policy(base), TASKS[skill], episodes, task_id=0)
+        return {"eval": {k: v for k, v in m.items() if k != "episodes"}, "trainable_params": 0,
+                "trainable_percent_of_base": 0.0, "size_bytes": 0, "train_metrics": {"train/wall_s": 0.0},
+                "eval_wall_s": time.perf_counter() - t0}
+    config = TrainConfig(steps=steps, batch_size=64, lr=lr, weight_decay=0.0, warmup_steps=min(100, steps // 10),
+                         checkpoint_every=250)
+    lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4))
+    return train_skill(base, data, work / "runs" / f"{skill}-{demos}-{method}", method=recipe, lora=lora,
+                       config=config, demos=demos, resume=True, eval_episodes=episodes)
+
+
+def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
+    rows: list[dict[str, Any]] = []
+    for skill in SKILL_TASKS:
+        for demos in BUDGETS:
+            for method in METHODS:
+                path = work / "cells" / f"{skill}-{demos}-{method}.json"
+                cell = json.loads(path.read_text()) if path.exists() else None
+                rows.append({"skill": skill, "demos": demos, "method": method, "cell": cell})
+    lines = ["| skill | demos | method | success (50 eps) | 95% interval | trainable params (% of base) | file size |"
+             " training time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        c = r["cell"]
+        if c is None:
+            lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | not run | | | | |")
+            continue
+        e = c["eval"]
+        size = f"{c['size_bytes'] / 1024:.0f} KB" if c["size_bytes"] else "-"
+        lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | {e['eval/success_rate']:.2f} | "
+                     f"[{e['eval/ci_low']:.2f}, {e['eval/ci_high']:.2f}] | {c['trainable_params']:,} "
+                     f"({c['trainable_percent_of_base']:.2f}%) | {size} | {c['train_metrics']['train/wall_s']:.0f} s |")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text("# Skill table\n\n" + "\n".join(lines) + f"\n\nCommand: `{command}`\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SKILL_TASKS), figsize=(6 * len(SKILL_TASKS), 4), sharey=True)
+    for ax, skill in zip(axes, SKILL_TASKS):
+        for i, method in enumerate(METHODS):
+            pts = [(r["demos"], r["cell"]["eval"]) for r in rows
+                   if r["skill"] == skill and r["method"] == method and r["cell"]]
+            if not pts:
+                continue
+            x = [d + (i - 2) * 0.8 for d, _ in pts]
+            y = [e["eval/success_rate"] for _, e in pts]
+            err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)], [e["eval/ci_high"] - v for v, (_, e) in
+                                                                          zip(y, pts)]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+        ax.set_title(skill)
+        ax.set_xlabel("demos")
+        ax.set_xticks(BUDGETS)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
+    axes[-1].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for data, runs and cell results")
+    parser.add_argument("--base", type=Path, default=None, help="base checkpoint (default: the shipped base)")
+    parser.add_argument("--skills", nargs="+", default=list(SKILL_TASKS))
+    parser.add_argument("--demos", type=int, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=3000, help="training steps per cell (default 3000)")
+    parser.add_argument("--episodes", type=int, default=50, help="held-out evaluation episodes (default 50)")
+    parser.add_argument("--md", type=Path, default=Path("docs/skill_table.md"))
+    parser.add_argument("--png", type=Path, default=Path("docs/skill_table.png"))
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the table from finished cells")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    base = args.base or shipped_base()
+    command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}"
+    if not args.report_only:
+        for skill in args.skills:
+            collect(TASKS[skill], max(args.demos), args.work / "data" / skill, seed=0, workers=2)
+            for demos in args.demos:
+                for method in args.methods:
+                    path = args.work / "cells" / f"{skill}-{demos}-{method}.json"
+                    if path.exists():
+                        continue
+                    result = run_cell(args.work, base, skill, demos, method, args.steps, args.episodes)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(result, indent=1, default=str))
+                    print(f"{skill} {demos} demos {method}: success {result['eval']['eval/success_rate']:.2f}",
+                          flush=True)
+                    write_report(args.work, args.md, args.png, command)
+    write_report(args.work, args.md, args.png, command)
+    print(args.md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
