@@ -1,0 +1,292 @@
+"""Export a base policy, optionally with one skill merged in, as a controller bundle (DESIGN.md §6).
+
+``export_bundle(base, skill, out_dir)`` attaches the skill adapter, merges it, strips every LoRA module (the
+exported graph holds plain ``nn.Linear`` layers with W0 + s·BA) and writes, atomically (a temporary sibling folder
+renamed into place):
+
+- ``policy.onnx``: ``predict_chunk`` on the raw observation tensors (``rgb_<camera>`` uint8 (B, S, S, 3),
+  ``proprio`` float32 (B, P), and for a base policy without a skill ``task_id`` int64 (B,)) -> ``actions``
+  (B, K, A) in [-1, 1]; the batch dimension is dynamic. Normalisation is inside the graph.
+- ``policy.pt2``: the same program through ``torch.export`` (``torch.export.load`` reads it back).
+- ``model.safetensors``: the merged, stripped state dict (``load_merged_policy`` rebuilds the torch model).
+- ``policy.json``: observation and action spec, safe-hold action, chunking, control rate, skill, base fingerprint,
+  sha256 of every other file and the parity report; ``robolora.controller`` reads it.
+
+Task identity: a skill's token becomes a constant of the graph (no task input). A base bundle takes ``task_id`` as
+an input (one bundle serves every base task; the controller supplies the id) unless ``task_id=`` bakes one in.
+
+Parity: on fixed probe observations (batch 1 and 5) the ONNX graph (through the controller's onnxruntime session),
+the ``.pt2`` program and the reloaded ``model.safetensors`` are compared with the merged torch model, and the merged
+model with the unmerged one (base + active adapter); any max abs difference above ``tolerance`` (1e-5, fp32) fails
+the export with ``ExportParityError`` and nothing is written.
+
+ONNX uses torch's TorchScript exporter (``dynamo=False``): the dynamo exporter needs ``onnxscript``, which the
+``export`` extra does not install.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import robolora
+from robolora.adapters import SkillAdapter, attach, load_adapter
+from robolora.controller import (BUNDLE_FILES, FORMAT, FORMAT_VERSION, ONNX_FILE, OUTPUT_NAME, PT2_FILE, SPEC_FILE,
+                                 TASK_INPUT, WEIGHTS_FILE, load_bundle, sha256_file)
+from robolora.inject import lora_layers, set_active_adapter, strip_lora
+from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy
+
+logger = logging.getLogger(__name__)
+
+STOP_ACTION = (0.0, 0.0, 0.0, 1.0)  # no end-effector motion, gripper open (the envs start open)
+HOLD_LAST = (False, False, False, True)  # on a fault the gripper keeps its last command
+ONNX_OPSET = 17
+PROBE_BATCHES = (1, 5)
+
+
+class ExportParityError(RuntimeError):
+    """The exported programs do not compute what the torch policy computes (within the tolerance)."""
+
+
+class ExportModule(nn.Module):
+    """``policy.predict_chunk`` with positional raw-observation inputs: the function that is exported."""
+
+    def __init__(self, policy: VisuomotorPolicy, task_id: int | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.takes_task = policy.skill_token is None and task_id is None
+        self.register_buffer("baked_task", torch.tensor(task_id or 0, dtype=torch.long))
+        self.input_names = (*policy.config.image_keys, "proprio") + ((TASK_INPUT,) if self.takes_task else ())
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        batch = dict(zip(self.input_names, inputs))
+        if not self.takes_task:
+            batch[TASK_INPUT] = self.baked_task.expand(batch["proprio"].shape[0])  # (B,); ignored under a skill
+        return self.policy.predict_chunk(batch)  # (B, K, A)
+
+
+def probe_inputs(policy: VisuomotorPolicy, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed random observations at the scale the policy sees (proprio drawn around its normalisation stats)."""
+    cfg = policy.config
+    g = torch.Generator().manual_seed(seed)
+    probe = {k: torch.randint(0, 256, (batch_size, cfg.image_size, cfg.image_size, 3), generator=g,
+                              dtype=torch.uint8) for k in cfg.image_keys}
+    noise = torch.randn(batch_size, cfg.proprio_dim, generator=g)
+    probe["proprio"] = (policy.proprio_mean.cpu() + policy.proprio_std.cpu() * noise).float()
+    probe[TASK_INPUT] = torch.arange(batch_size, dtype=torch.long) % cfg.num_tasks
+    return probe
+
+
+def export_bundle(
+    base: str | Path | VisuomotorPolicy,
+    skill: str | Path | SkillAdapter | None,
+    out_dir: str | Path,
+    control_hz: float = 20.0,
+    *,
+    task_id: int | None = None,
+    env_id: str | None = None,
+    tolerance: float = 1e-5,
+) -> dict[str, Any]:
+    """Merge ``skill`` into ``base``, strip LoRA, write and verify the bundle at ``out_dir``; returns policy.json.
+
+    ``base``: a checkpoint folder or a plain ``VisuomotorPolicy`` (copied, never modified). ``skill``: an adapter
+    folder, a ``SkillAdapter`` or None for the base alone. ``task_id`` bakes a base task into a base bundle.
+    ``env_id`` names the env whose proprio bounds the bundle enforces; by default the skill's task when the skill
+    is named after one (``dish_rack`` -> robolora/DishRack-v0) or the baked base task, else no bounds (only
+    finiteness). An existing bundle at ``out_dir`` is replaced; any other existing folder is refused.
+    """
+    out_dir = Path(out_dir)
+    _check_destination(out_dir)
+    policy = copy.deepcopy(base) if isinstance(base, VisuomotorPolicy) else load_policy(base)
+    policy = policy.cpu().float().eval()
+    if lora_layers(policy) or policy.skill_token is not None:
+        raise ValueError("export_bundle needs the plain base policy (no LoRA layers, no skill token); pass the "
+                         "adapter as `skill` and the export merges it")
+    fingerprint = base_fingerprint(policy)
+    adapter = None if skill is None else skill if isinstance(skill, SkillAdapter) else load_adapter(skill)
+    unmerged = None
+    if adapter is not None:
+        if task_id is not None and adapter.skill_token is not None:
+            raise ValueError(f"skill {adapter.skill!r} carries its own skill token; task_id applies to base "
+                             f"bundles only, drop it")
+        name = attach(policy, adapter)
+        set_active_adapter(policy, name)
+        if adapter.skill_token is not None:
+            policy.set_skill_token(nn.Parameter(adapter.skill_token.clone().float(), requires_grad=False))
+        unmerged = copy.deepcopy(policy)
+        strip_lora(policy, merge=name)
+    leftover = [n for n in policy.state_dict() if "lora_" in n or ".base_layer" in n] + list(lora_layers(policy))
+    if leftover:
+        raise RuntimeError(f"LoRA modules remain after strip_lora: {leftover[:5]} (robolora.inject bug)")
+    if task_id is not None and not 0 <= task_id < policy.config.num_tasks:
+        raise ValueError(f"task_id={task_id} outside [0, {policy.config.num_tasks}) of the base policy")
+    module = ExportModule(policy, task_id).eval()
+    skill_name = None if adapter is None else adapter.skill
+    env_id = env_id or _default_env(skill_name, task_id)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_programs(module, policy, tmp)
+        meta = _spec(module, env_id, control_hz, skill_name, task_id, fingerprint, adapter)
+        meta["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in BUNDLE_FILES}
+        _write_json(tmp / SPEC_FILE, meta)
+        meta["parity"] = _parity(module, unmerged, tmp, tolerance)
+        _write_json(tmp / SPEC_FILE, meta)
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("exported %s to %s (parity max abs diff %.2e)", skill_name or "base", out_dir,
+                meta["parity"]["max_abs_diff"])
+    return {**meta, "path": str(out_dir)}
+
+
+def load_merged_policy(bundle: str | Path) -> VisuomotorPolicy:
+    """The merged torch policy of a bundle, rebuilt from ``policy.json`` and ``model.safetensors`` (strict)."""
+    bundle = Path(bundle)
+    meta = json.loads((bundle / SPEC_FILE).read_text())
+    policy = VisuomotorPolicy(PolicyConfig.from_dict(meta["policy_config"]))
+    state = load_file(str(bundle / WEIGHTS_FILE))
+    if "skill_token" in state:
+        policy.set_skill_token(nn.Parameter(torch.zeros_like(state["skill_token"]), requires_grad=False))
+    policy.load_state_dict(state, strict=True)
+    return policy.eval()
+
+
+def _write_programs(module: ExportModule, policy: VisuomotorPolicy, out: Path) -> None:
+    save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(out / WEIGHTS_FILE),
+              metadata={"format": "pt", "robolora": FORMAT})
+    probe = probe_inputs(policy, PROBE_BATCHES[-1])
+    args = tuple(probe[k] for k in module.input_names)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of dynamo (needs onnxscript); predict_chunk's checks on
+        # the static image shape trigger TracerWarnings that are true by construction
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, args, str(out / ONNX_FILE), input_names=list(module.input_names),
+                          output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in (*module.input_names, OUTPUT_NAME)})
+        program = torch.export.export(module, args, dynamic_shapes=(tuple({0: batch} for _ in args),))
+    torch.export.save(program, str(out / PT2_FILE))
+
+
+def _parity(module: ExportModule, unmerged: VisuomotorPolicy | None, bundle: Path, tolerance: float) -> dict:
+    controller = load_bundle(bundle)
+    program = torch.export.load(str(bundle / PT2_FILE)).module()
+    reloaded = ExportModule(load_merged_policy(bundle), None if module.takes_task else int(module.baked_task))
+    diffs: dict[str, float] = {}
+    for size in PROBE_BATCHES:
+        probe = probe_inputs(module.policy, size, seed=size)
+        args = tuple(probe[k] for k in module.input_names)
+        with torch.no_grad():
+            merged = module(*args)
+            outputs = {"onnx": torch.from_numpy(controller.predict_chunk({k: a.numpy() for k, a in
+                                                                           zip(module.input_names, args)})),
+                       "pt2": program(*args), "safetensors": reloaded(*args)}
+            if unmerged is not None:
+                outputs["unmerged"] = ExportModule(unmerged, None if module.takes_task else
+                                                   int(module.baked_task)).eval()(*args)
+        for name, out in outputs.items():
+            key = f"{name}_vs_merged"
+            diffs[key] = max(diffs.get(key, 0.0), (out - merged).abs().max().item())
+        if unmerged is not None:
+            diffs["onnx_vs_unmerged"] = max(diffs.get("onnx_vs_unmerged", 0.0),
+                                            (outputs["onnx"] - outputs["unmerged"]).abs().max().item())
+    worst = max(diffs.values())
+    if not worst <= tolerance:
+        raise ExportParityError(f"export parity failed: max abs diff {worst:.3e} > tolerance {tolerance:.0e} "
+                                f"({diffs}); the exported program does not compute what the torch policy does. "
+                                f"Check for ops that trace differently (data-dependent control flow) and report it")
+    return {"max_abs_diff": worst, "tolerance": tolerance, "probe_batches": list(PROBE_BATCHES), **diffs}
+
+
+def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: str | None, task_id: int | None,
+          fingerprint: str, adapter: SkillAdapter | None) -> dict[str, Any]:
+    cfg = module.policy.config
+    if not control_hz > 0:
+        raise ValueError(f"control_hz={control_hz} must be > 0")
+    bounds = _env_proprio_bounds(env_id, cfg) if env_id else None
+    observation = {k: {"shape": [cfg.image_size, cfg.image_size, 3], "dtype": "uint8", "low": 0, "high": 255}
+                   for k in cfg.image_keys}
+    observation["proprio"] = {"shape": [cfg.proprio_dim], "dtype": "float32",
+                              "low": None if bounds is None else bounds[0], "high": None if bounds is None else bounds[1]}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "skill": skill,
+        "env_id": env_id,
+        "base_fingerprint": fingerprint,
+        "adapter": None if adapter is None else {"skill": adapter.skill, "lora": adapter.config.to_dict(),
+                                                 "layers": len(adapter.lora), "skill_token": adapter.skill_token
+                                                 is not None},
+        "task": {"input": module.takes_task, "baked": task_id, "num_tasks": cfg.num_tasks},
+        "inputs": list(module.input_names),
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", cfg.chunk_size, cfg.action_dim], "dtype": "float32"},
+        "observation": observation,
+        "action": {"shape": [cfg.action_dim], "dtype": "float32", "low": [-1.0] * cfg.action_dim,
+                   "high": [1.0] * cfg.action_dim, "stop": list(STOP_ACTION), "hold_last": list(HOLD_LAST)},
+        "normalization": {"proprio_mean": module.policy.proprio_mean.tolist(),
+                          "proprio_std": module.policy.proprio_std.tolist(),
+                          "images": "(x - 127.5) / 64, inside the graph", "applied_in_graph": True},
+        "chunking": {"chunk_size": cfg.chunk_size, "n_action_steps": cfg.n_action_steps,
+                     "temporal_ensemble": cfg.temporal_ensemble},
+        "control_hz": float(control_hz),
+        "policy_config": cfg.to_dict(),
+        "onnx_opset": ONNX_OPSET,
+        "exported_with": {"robolora": robolora.__version__, "torch": torch.__version__,
+                          "onnxruntime": __import__("onnxruntime").__version__},
+    }
+
+
+def _default_env(skill: str | None, task_id: int | None) -> str | None:
+    import robolora.envs as envs
+
+    if skill is not None:
+        return envs.TASKS.get(skill)
+    return None if task_id is None else envs.TASKS[envs.BASE_TASKS[task_id]]
+
+
+def _env_proprio_bounds(env_id: str, cfg: PolicyConfig) -> tuple[list[float], list[float]]:
+    import robolora.envs as envs
+
+    env = envs.make(env_id, image_size=cfg.image_size, cameras=cfg.cameras)
+    try:
+        space = env.observation_space["proprio"]
+        if space.shape != (cfg.proprio_dim,):
+            raise ValueError(f"{env_id} has proprio {space.shape} but the policy takes ({cfg.proprio_dim},)")
+        return np.asarray(space.low, np.float32).tolist(), np.asarray(space.high, np.float32).tolist()
+    finally:
+        env.close()
+
+
+def _check_destination(out_dir: Path) -> None:
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / SPEC_FILE).is_file())):
+        raise ValueError(f"{out_dir} exists and is not a bundle folder; choose a new or empty folder")
+
+
+def _write_json(path: Path, meta: dict[str, Any]) -> None:
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
