@@ -1,0 +1,244 @@
+"""The torch-free controller: refuses bad bundles before any step, holds safely on bad observations and keeps
+going, acts exactly like the torch policy's select_action, keeps its rate, and runs where torch cannot import."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from robolora import evaluate as torch_evaluate
+from robolora.adapters import attach_for_eval, save_adapter
+from robolora.controller import (EVAL_SEED, BundleError, load_bundle, run_episodes, wilson_interval)
+from robolora.envs import make
+from robolora.export import export_bundle
+from robolora.policies import PolicyConfig, VisuomotorPolicy
+from test_adapters import tiny, trained_adapter
+
+REACH = "robolora/Reach-v0"
+
+
+@pytest.fixture(scope="module")
+def skill(tmp_path_factory):
+    """(bundle folder, adapter folder) of the tiny policy + trained wipe adapter, recorded for Reach's spaces."""
+    root = tmp_path_factory.mktemp("controller")
+    save_adapter(trained_adapter(), root / "adapter")
+    export_bundle(tiny(), root / "adapter", root / "bundle", env_id=REACH)
+    return root / "bundle", root / "adapter"
+
+
+def _copy(bundle, tmp_path):
+    return shutil.copytree(bundle, tmp_path / "copy")
+
+
+class CountSteps(gym.Wrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        self.steps = 0
+        self.actions = []
+
+    def step(self, action):
+        self.steps += 1
+        self.actions.append(np.array(action))
+        return self.env.step(action)
+
+
+@pytest.mark.parametrize("name", ["policy.onnx", "policy.pt2", "model.safetensors", "policy.json"])
+def test_missing_file_is_named(skill, tmp_path, name):
+    bundle = _copy(skill[0], tmp_path)
+    (bundle / name).unlink()
+    with pytest.raises(BundleError, match=f"missing.*{name}"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "policy.onnx"])
+def test_checksum_mismatch_is_refused(skill, tmp_path, name):
+    bundle = _copy(skill[0], tmp_path)
+    data = bytearray((bundle / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name} does not match its checksum"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(format_version=99), "version 99"),
+    (lambda m: m["chunking"].update(n_action_steps=9), "n_action_steps=9"),
+    (lambda m: m.pop("action"), "missing or malformed field"),
+    (lambda m: m.update(inputs=["proprio", "rgb_front"]), "inputs"),
+])
+def test_inconsistent_spec_is_refused(skill, tmp_path, edit, match):
+    bundle = _copy(skill[0], tmp_path)
+    meta = json.loads((bundle / "policy.json").read_text())
+    edit(meta)
+    (bundle / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(bundle)
+
+
+def test_spec_not_matching_the_env_fails_before_the_loop(skill):
+    controller = load_bundle(skill[0])
+    env = CountSteps(make(REACH, image_size=32))
+    with pytest.raises(BundleError, match=r"rgb_front.*\(32, 32, 3\).*image_size=64"):
+        run_episodes(env, controller, episodes=1)
+    assert env.steps == 0
+    base = export_bundle(tiny(), None, skill[0].parent / "base", env_id=REACH)["path"]
+    with pytest.raises(BundleError, match="takes a task id"):
+        run_episodes(make(REACH), load_bundle(base), episodes=1)
+
+
+class BadObservations(gym.ObservationWrapper):
+    """Corrupts the observation returned by the given env steps."""
+
+    KINDS = {3: "nan", 6: "shape", 9: "dtype", 12: "missing", 15: "inf_image_ok_proprio_out_of_bounds"}
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.t = 0
+
+    def reset(self, **kwargs):
+        self.t = 0
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        self.t += 1
+        return super().step(action)
+
+    def observation(self, obs):
+        obs = {k: v.copy() for k, v in obs.items()}
+        kind = self.KINDS.get(self.t)
+        if kind == "nan":
+            obs["proprio"][2] = np.nan
+        elif kind == "shape":
+            obs["rgb_front"] = obs["rgb_front"][:32]
+        elif kind == "dtype":
+            obs["proprio"] = obs["proprio"].astype(np.float64)
+        elif kind == "missing":
+            del obs["rgb_front"]
+        elif kind is not None:
+            obs["proprio"][0] = 5.0
+        return obs
+
+
+def test_bad_observations_are_held_counted_and_the_loop_continues(skill):
+    controller = load_bundle(skill[0])
+    env = CountSteps(BadObservations(make(REACH, terminate_on_success=False)))
+    result = run_episodes(env, controller, episodes=1, seed=3)
+    assert result["control/faults"] == len(BadObservations.KINDS) == controller.faults["observation"]
+    assert result["episodes"][0]["length"] == 50 == env.steps, "the episode must run to its time limit"
+    actions = np.stack(env.actions)
+    for t in BadObservations.KINDS:  # the observation after step t is the input of action t (0-based)
+        assert np.array_equal(actions[t, :3], [0, 0, 0]), t
+        assert actions[t, 3] == actions[t - 1, 3], "the gripper keeps its last command"
+    good = [t for t in range(50) if t not in BadObservations.KINDS]
+    assert np.abs(actions[good, :3]).max() > 0, "good observations must still be acted on"
+    assert np.all(np.abs(actions) <= 1.0)
+
+
+def test_hold_before_any_action_is_the_stop_action(skill):
+    controller = load_bundle(skill[0])
+    obs = make(REACH).reset(seed=0)[0]
+    obs["proprio"] = obs["proprio"] * np.nan
+    assert np.array_equal(controller.select_action(obs), [0, 0, 0, 1])
+    assert controller.fault_count == 1
+
+
+def test_actions_are_clamped_to_the_recorded_limits(skill, tmp_path):
+    bundle = _copy(skill[0], tmp_path)
+    meta = json.loads((bundle / "policy.json").read_text())
+    meta["action"].update(low=[-0.01] * 4, high=[0.01] * 4, stop=[0.0] * 4)
+    (bundle / "policy.json").write_text(json.dumps(meta))
+    controller = load_bundle(bundle)
+    obs = make(REACH).reset(seed=0)[0]
+    actions = np.stack([controller.select_action(obs) for _ in range(8)])
+    assert np.abs(actions).max() == pytest.approx(0.01)
+
+
+def _observations(env_id: str, n_envs: int, steps: int, seed: int):
+    envs = [make(env_id) for _ in range(n_envs)]
+    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        yield {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+        obs = [env.step(rng.uniform(-1, 1, 4).astype(np.float32))[0] for env in envs]
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_select_action_equals_the_torch_policy(skill, tmp_path, ensemble):
+    if ensemble:
+        torch.manual_seed(0)
+        policy = VisuomotorPolicy(PolicyConfig.preset("tiny", n_action_steps=1, temporal_ensemble=0.3)).eval()
+        controller = load_bundle(export_bundle(policy, None, tmp_path / "ens", env_id=REACH)["path"], task_id=2)
+        extra = {"task_id": np.full(3, 2)}
+    else:
+        policy = tiny()
+        attach_for_eval(policy, skill[1])
+        controller, extra = load_bundle(skill[0]), {}
+    worst = 0.0
+    for t, obs in enumerate(_observations(REACH, 3, 14, seed=11)):
+        if t == 6:  # one environment restarts mid-chunk
+            policy.reset([1])
+            controller.reset([1])
+        expected = policy.select_action({**obs, **extra})
+        got = controller.select_action(obs)
+        worst = max(worst, float(np.abs(expected - got).max()))
+    assert worst <= 1e-5
+    policy.reset()
+    controller.reset()
+    for obs in _observations(REACH, 1, 6, seed=5):  # unbatched observations give (A,) actions
+        one = {k: v[0] for k, v in obs.items()}
+        got = controller.select_action(one)
+        assert got.shape == (4,)
+        assert np.abs(got - policy.select_action({**one, **{k: 2 for k in extra}})).max() <= 1e-5
+
+
+def test_controller_drives_evaluate_like_the_torch_policy(skill):
+    policy = tiny()
+    attach_for_eval(policy, skill[1])
+    torch_result = torch_evaluate.evaluate(policy, REACH, episodes=2, seed=EVAL_SEED)
+    controller_result = torch_evaluate.evaluate(load_bundle(skill[0]), REACH, episodes=2, seed=EVAL_SEED)
+    assert torch_result["episodes"] == controller_result["episodes"]
+    assert EVAL_SEED == torch_evaluate.EVAL_SEED
+    assert wilson_interval(7, 20) == torch_evaluate.wilson_interval(7, 20)
+
+
+def test_fixed_rate_loop_keeps_time_and_counts_misses(skill):
+    controller = load_bundle(skill[0])
+    env = make(REACH, terminate_on_success=False)
+    t0 = time.perf_counter()
+    paced = run_episodes(env, controller, episodes=1, hz=200.0)
+    elapsed = time.perf_counter() - t0
+    assert elapsed >= 49 / 200, "a 200 Hz loop of 50 ticks cannot finish faster than its deadlines"
+    assert paced["control/ticks"] == 50 and paced["control/policy_ms_p99"] >= paced["control/policy_ms_p50"] > 0
+    rushed = run_episodes(env, controller, episodes=1, hz=1e6)
+    assert rushed["control/deadline_misses"] >= 45, "1 us deadlines cannot be met"
+
+
+def test_runs_in_a_process_where_torch_cannot_be_imported(skill):
+    code = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not installed on this controller")
+        sys.meta_path.insert(0, NoTorch())
+        from robolora.controller import control_main
+        result = control_main({str(skill[0])!r}, "{REACH}", hz=0, episodes=2, seed=0)
+        assert "torch" not in sys.modules
+        print(json.dumps({{k: v for k, v in result.items() if k != "episodes"}}))
+    """)
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["control/episodes"] == 2 and result["control/faults"] == 0
+    assert result["control/ticks"] >= 2 and result["skill"] == "wipe"
