@@ -1,0 +1,441 @@
+"""SkillManager: attach, switch, blend and step LoRA skills at runtime on one frozen base policy (DESIGN.md §4).
+
+Three modes, chosen per use (``SkillManager(policy, mode=...)``):
+
+- ``bank``: on attach, each skill's merged weights W0 + s B A are computed once for every layer it targets (one
+  copy of the targeted weights per skill). A switch rebinds each wrapped layer's ``weight`` to the skill's tensor:
+  O(layers) dictionary writes, no arithmetic. The original ``nn.Parameter`` (W0) is never written; the plain base
+  rebinds it. Rebinding moves the weight's data pointer, so CUDA graphs must use ``inplace``.
+- ``inplace``: one set of weights; a switch copies W0 + ΔW into them (computed from the pristine W0 in the
+  requesting thread, so exact and never W - ΔW), and the plain base copies W0 back. Memory-light and
+  pointer-stable: compiled graphs and CUDA graphs stay valid. ``cache_merged=True`` keeps every skill's merged
+  weights (bank-sized memory) so a switch is only the copy.
+- ``unmerged``: W0 stays bound and the active skill's low-rank path runs beside it; a switch rebinds one
+  (A, w s B) pair per layer. A blend stacks the skills' A's and weighted B's into one pair, so it costs one rank-sum
+  matmul pair per layer.
+
+While a manager drives a policy, each ``LoRALinear``'s forward is replaced by its base layer's own forward (bank,
+inplace), so a step runs exactly the plain base's code, or by ``_unmerged_forward`` (one fused extra GEMM pair).
+``LoRALinear``'s active set and merge bookkeeping stay empty: drive skills through the manager only, and do not
+call ``merge``/``unmerge``/``set_active_adapter`` on a managed policy (with a bank tensor bound they would write
+into it). ``close()`` hands the policy back as it was. Move the policy to its device before creating the manager.
+
+Threading: ``activate``/``blend`` may be called from any thread. They build the new state in the caller's thread
+and leave it as the pending request (the last one wins); every step applies the pending request at its start while
+holding the step lock for the whole step. A switch therefore takes effect at the next tick boundary, the skill token
+switches together with the weights, and no step sees half a switch. ``attach``/``detach``/``close`` wait for the
+running step. Applying a switch calls ``policy.reset()``: the old skill's queued actions are dropped and the new
+skill is queried at the next ``select_action``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robolora.adapters import SkillAdapter, load_adapter
+from robolora.adapters import attach as attach_adapter
+from robolora.adapters import detach as detach_adapter
+from robolora.demo import probe_batch
+from robolora.inject import lora_layers
+from robolora.lora import LoRALinear
+from robolora.policies import VisuomotorPolicy
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["bank", "inplace", "unmerged"]
+MODES: tuple[str, ...] = ("bank", "inplace", "unmerged")
+LIVE_TOLERANCE = 1e-6  # an adapter changing no probe action by more than this is reported as dead
+
+
+@dataclass(frozen=True)
+class LiveCheck:
+    """The "adapter is live" probe run on attach.
+
+    Attributes:
+        skill: the skill's name in the manager.
+        delta_norm: sqrt of the sum over layers of ||s B A||_F^2; 0 means the adapter changes no weight.
+        output_change: max |skill action - plain base action| on ``robolora.demo.probe_batch`` (batch 4).
+    """
+
+    skill: str
+    delta_norm: float
+    output_change: float
+
+    @property
+    def live(self) -> bool:
+        return self.delta_norm > 0.0 and self.output_change > LIVE_TOLERANCE
+
+
+@dataclass(eq=False)
+class _Layer:
+    lora: LoRALinear
+    original: nn.Parameter  # the base layer's own weight (W0); the plain base binds it in bank mode
+    term: tuple[torch.Tensor, torch.Tensor] | None = None  # unmerged mode: (A (r, d_in), (w s B)^T (1, r, d_out))
+
+
+@dataclass(eq=False)
+class _Skill:
+    token: torch.Tensor | None
+    bindings: dict[str, Any]  # layer -> merged weight (bank, cached inplace) or (A, Bt) term (unmerged)
+    check: LiveCheck | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _Switch:
+    spec: dict[str, float] | None  # None: the plain base
+    bindings: Mapping[str, Any] = field(default_factory=dict)
+    token: torch.Tensor | None = None
+
+
+_PLAIN = _Switch(None)
+
+
+def _unmerged_forward(layer: _Layer, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    out = F.linear(x, layer.original, bias)  # (..., d_out)
+    if layer.term is None:
+        return out
+    a, bt = layer.term
+    h = F.linear(x, a)  # (..., r)
+    if out.dim() == 3:  # out + h @ (w s B)^T as one fused op: a few microseconds less per layer than matmul + add
+        return torch.baddbmm(out, h, bt.expand(out.shape[0], -1, -1))  # (B, T, d_out)
+    return out + h @ bt[0]
+
+
+def _lora_term(lora: LoRALinear, weights: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, (w s B)^T) with the skills' A's stacked, so one pair of matmuls adds the whole weighted sum."""
+    parts = [lora.lora_A[n].detach() for n in weights]
+    a = parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum r, d_in)
+    bt = torch.cat([(lora.lora_B[n].detach().float() * (w * lora.configs[n].scaling)).t() for n, w in weights.items()])
+    bt = bt.to(a.dtype).unsqueeze(0).contiguous()  # (1, sum r, d_out)
+    if not (torch.isfinite(a.float().sum()) and torch.isfinite(bt.float().sum())):
+        raise ValueError(f"adapters {weights} give NaN/Inf LoRA terms (adapter values diverged?)")
+    return a, bt
+
+
+class SkillManager:
+    """Holds several skill adapters on one policy and switches between them between control ticks.
+
+    ``mode``: ``"bank"`` (fastest switch, one weight copy per skill), ``"inplace"`` (pointer-stable, memory-light)
+    or ``"unmerged"`` (LoRA beside W0); see the module docstring. ``cache_merged`` (inplace only) keeps each skill's
+    merged weights so a switch is a copy only. The manager steps the policy like the policy itself
+    (``reset``/``select_action``/``predict_chunk``), so it drops into ``robolora.evaluate.evaluate``.
+    """
+
+    def __init__(self, policy: VisuomotorPolicy, mode: Mode = "bank", *, cache_merged: bool = False) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is invalid; use one of {list(MODES)}")
+        if cache_merged and mode != "inplace":
+            raise ValueError(f"cache_merged=True only applies to mode='inplace' (got mode={mode!r}); "
+                             "bank mode always keeps merged weights, unmerged mode needs none")
+        if getattr(policy, "skill_token", None) is not None:
+            raise ValueError("the policy already has a skill token; the manager installs skill tokens itself, "
+                             "call policy.set_skill_token(None) first")
+        self.policy = policy
+        self.mode: Mode = mode
+        self.cache_merged = cache_merged
+        self._layers: dict[str, _Layer] = {}
+        self._skills: dict[str, _Skill] = {}
+        self._token: nn.Parameter | None = None  # one token Parameter, written in place on every switch
+        self._pending: _Switch | None = None
+        self._applied: _Switch = _PLAIN
+        self._step_lock = threading.RLock()  # held for a whole step, and by attach/detach/close
+        self._request_lock = threading.Lock()  # guards the pending request and the skill table
+        self._adopt_layers()
+
+    # ---- skills ---------------------------------------------------------------------------------------------
+
+    @property
+    def skills(self) -> list[str]:
+        """Attached skill names, in attach order."""
+        return list(self._skills)
+
+    @property
+    def active(self) -> str | dict[str, float] | None:
+        """What the next step runs: a skill name, a blend {name: weight}, or None for the plain base."""
+        with self._request_lock:
+            spec = (self._pending or self._applied).spec
+        if spec is None:
+            return None
+        if len(spec) == 1 and next(iter(spec.values())) == 1.0:
+            return next(iter(spec))
+        return dict(spec)
+
+    def load(self, path: str | Path, name: str | None = None) -> LiveCheck:
+        """Load an adapter folder (``robolora.adapters.load_adapter``) and attach it as ``name`` (default: its
+        skill name); returns the live check."""
+        adapter = load_adapter(path)
+        return self.attach(name or adapter.skill, adapter)
+
+    def attach(self, name: str, adapter: SkillAdapter) -> LiveCheck:
+        """Attach ``adapter`` as skill ``name`` (inactive) and probe that it is live; all or nothing.
+
+        The adapter is validated first (base fingerprint, layer names, shapes, token shape: see
+        ``robolora.adapters.attach``); in bank mode its merged weights are computed here. An adapter whose delta is
+        zero, or which does not change the probe batch's actions, is logged as a warning; the probe result is
+        returned and kept (``live_check(name)``). Any failure leaves the policy's outputs and the manager unchanged.
+        Waits for a running step.
+        """
+        with self._step_lock:
+            if name in self._skills:
+                raise ValueError(f"skill {name!r} is already attached; detach({name!r}) first or pick another name")
+            attach_adapter(self.policy, adapter, name)
+            new_layers: list[str] = []
+            try:
+                new_layers = self._adopt_layers()
+                skill = self._build_skill(name, adapter)
+                skill.check = self._probe(name, skill)
+            except BaseException:
+                self._forget(name, new_layers)
+                raise
+            with self._request_lock:
+                self._skills[name] = skill
+                if not self.cache_merged and self.mode == "inplace":
+                    skill.bindings = {}
+        if not skill.check.live:
+            logger.warning("skill %r looks dead: its LoRA delta has norm %.3g and it changes the probe actions by "
+                           "at most %.3g (tolerance %g); is it the untrained initialisation (B = 0) or a wrong file?",
+                           name, skill.check.delta_norm, skill.check.output_change, LIVE_TOLERANCE)
+        logger.info("skill %r attached (%s mode, %d layers)", name, self.mode, len(adapter.lora))
+        return skill.check
+
+    def detach(self, name: str) -> None:
+        """Remove skill ``name``; if it is active (or pending) the policy falls back to the plain base."""
+        with self._step_lock:
+            self._check_names([name])
+            with self._request_lock:
+                if self._pending is not None and name in (self._pending.spec or {}):
+                    self._pending = _PLAIN
+                if name in (self._applied.spec or {}):
+                    self._apply(_PLAIN)
+                del self._skills[name]
+            self._forget(name, [n for n, layer in self._layers.items() if layer.lora.adapters == [name]])
+
+    def close(self) -> None:
+        """Detach every skill and hand the policy back: plain base, original forwards, no wrapper it added."""
+        with self._step_lock:
+            for name in self.skills:
+                self.detach(name)
+            self._pending = None
+            self._apply(_PLAIN)
+            for layer in self._layers.values():
+                del layer.lora.forward
+            self._layers.clear()
+
+    def live_check(self, name: str) -> LiveCheck:
+        """The live probe of skill ``name`` taken when it was attached."""
+        self._check_names([name])
+        check = self._skills[name].check
+        assert check is not None
+        return check
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held per skill: its LoRA A/B, its token, and the mode's copies (merged weights, scaled B's)."""
+        out = {}
+        for name, skill in list(self._skills.items()):
+            tensors = [t for layer in self._layers.values() if name in layer.lora.configs
+                       for t in (layer.lora.lora_A[name], layer.lora.lora_B[name])]
+            tensors += [] if skill.token is None else [skill.token]
+            for value in skill.bindings.values():
+                tensors += list(value) if isinstance(value, tuple) else [value]
+            out[name] = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
+        return out
+
+    # ---- switching ------------------------------------------------------------------------------------------
+
+    def activate(self, name: str | None) -> None:
+        """Switch to skill ``name``, or to the plain base with None, at the next step (from any thread)."""
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"activate() takes a skill name or None, got {type(name).__name__}; "
+                            "use blend({name: weight}) for weighted sets")
+        self._request(None if name is None else {name: 1.0})
+
+    def blend(self, weights: Mapping[str, float]) -> None:
+        """Run the exact weighted sum of skills' deltas, W0 + sum_i w_i s_i B_i A_i, with the token sum_i w_i t_i,
+        from the next step. Naive LoRA blends often fail on robot skills: measure success before relying on one."""
+        spec = {str(k): float(v) for k, v in weights.items()}
+        if not spec:
+            raise ValueError(f"blend() needs at least one skill; attached: {self.skills}")
+        bad = {k: v for k, v in spec.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"blend weights must be finite, got {bad}")
+        self._request(spec)
+
+    def apply_pending(self) -> None:
+        """Apply a requested switch now instead of at the next step (waits for a running step)."""
+        with self._step_lock:
+            self._take_pending()
+
+    # ---- stepping (the policy's acting interface) -----------------------------------------------------------
+
+    def reset(self, indices: Sequence[int] | None = None) -> None:
+        """Forget queued actions (all, or those of the given batch elements), as ``VisuomotorPolicy.reset``."""
+        with self._step_lock:
+            self.policy.reset(indices)
+
+    def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """Apply any pending switch, then ``policy.select_action(obs)``, holding the step lock throughout."""
+        with self._step_lock:
+            self._take_pending()
+            return self.policy.select_action(obs)
+
+    @torch.no_grad()
+    def predict_chunk(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Apply any pending switch, then ``policy.predict_chunk(batch)`` without gradients, under the step lock."""
+        with self._step_lock:
+            self._take_pending()
+            return self.policy.predict_chunk(batch)
+
+    # ---- internals ------------------------------------------------------------------------------------------
+
+    def _check_names(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self._skills]
+        if unknown:
+            raise KeyError(f"unknown skill(s) {unknown}; attached: {self.skills}")
+
+    def _request(self, spec: dict[str, float] | None) -> None:
+        switch = self._make_switch(spec)  # built here, in the caller's thread, not in the control loop
+        with self._request_lock:
+            self._check_names(list(spec or ()))  # a concurrent detach may have removed one meanwhile
+            self._pending = switch
+
+    def _make_switch(self, spec: dict[str, float] | None) -> _Switch:
+        if spec is None:
+            return _PLAIN
+        self._check_names(list(spec))
+        skills = {n: self._skills[n] for n in spec}
+        if len(spec) == 1 and next(iter(spec.values())) == 1.0:
+            skill = next(iter(skills.values()))
+            bindings = skill.bindings or self._bindings(spec)
+            return _Switch(dict(spec), bindings, skill.token)
+        with_token = [n for n, s in skills.items() if s.token is not None]
+        if with_token and len(with_token) != len(spec):
+            raise ValueError(f"cannot blend {list(spec)}: {with_token} carry a skill token and the others do not")
+        token = sum(w * skills[n].token for n, w in spec.items()) if with_token else None
+        return _Switch(dict(spec), self._bindings(spec), token)
+
+    def _bindings(self, spec: Mapping[str, float]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, layer in list(self._layers.items()):
+            subset = {s: w for s, w in spec.items() if s in layer.lora.configs}
+            if not subset:
+                continue
+            if self.mode == "unmerged":
+                out[name] = _lora_term(layer.lora, subset)
+            else:
+                merged = layer.lora.merged_weight(subset)  # fp32 sum from the pristine W0, one cast; refuses NaN
+                assert merged.data_ptr() != layer.lora.pristine_weight.data_ptr()
+                out[name] = nn.Parameter(merged, requires_grad=False) if self.mode == "bank" else merged
+        return out
+
+    def _take_pending(self) -> None:
+        with self._request_lock:
+            switch, self._pending = self._pending, None
+        if switch is not None and switch.spec != self._applied.spec:
+            self._apply(switch)
+
+    def _apply(self, switch: _Switch, reset_queue: bool = True) -> None:
+        """Bind a switch's weights and token; caller holds the step lock. Never fails halfway."""
+        if self.mode == "bank":
+            for name, layer in self._layers.items():
+                # straight into _parameters: what nn.Module.__setattr__ ends in, minus ~2 us of checks per layer
+                layer.lora.base_layer._parameters["weight"] = switch.bindings.get(name, layer.original)
+        elif self.mode == "unmerged":
+            for name, layer in self._layers.items():
+                layer.term = switch.bindings.get(name)
+        else:
+            with torch.no_grad():
+                for name, layer in self._layers.items():
+                    source = switch.bindings.get(name)
+                    if source is not None:
+                        layer.original.copy_(source)
+                    elif name in self._applied.bindings:
+                        layer.original.copy_(layer.lora.pristine_weight)
+        if switch.token is None:
+            if self.policy.skill_token is not None:
+                self.policy.set_skill_token(None)
+        else:
+            if self._token is None:
+                self._token = nn.Parameter(torch.empty_like(switch.token), requires_grad=False)
+            with torch.no_grad():
+                self._token.copy_(switch.token)
+            if self.policy.skill_token is not self._token:
+                self.policy.set_skill_token(self._token)
+        if reset_queue:
+            self.policy.reset()
+        self._applied = _Switch(switch.spec, dict.fromkeys(switch.bindings), switch.token)
+
+    def _adopt_layers(self) -> list[str]:
+        """Take over every LoRALinear not yet driven: install the mode's forward; returns their names."""
+        new = {n: m for n, m in lora_layers(self.policy).items() if n not in self._layers}
+        for name, lora in new.items():
+            if "forward" in vars(lora):
+                raise ValueError(f"{name} is already driven by another SkillManager; close() that one first")
+            if lora.merged is not None or lora.active:
+                raise ValueError(f"{name} has adapters merged or active (merged={lora.merged}, active={lora.active});"
+                                 " call robolora.unmerge(policy) and set_active_adapter(policy, None) first")
+        for name, lora in new.items():
+            layer = _Layer(lora, lora.base_layer.weight)
+            if self.mode == "unmerged":
+                lora.forward = functools.partial(_unmerged_forward, layer, lora.base_layer.bias)
+            else:
+                lora.forward = lora.base_layer.forward
+            self._layers[name] = layer
+        return list(new)
+
+    def _build_skill(self, name: str, adapter: SkillAdapter) -> _Skill:
+        token = None
+        if adapter.skill_token is not None:
+            like = self._layers[next(iter(adapter.lora))].original if adapter.lora else next(self.policy.parameters())
+            token = adapter.skill_token.detach().to(device=like.device, dtype=like.dtype).clone()
+            if not torch.isfinite(token).all():
+                raise ValueError(f"skill {name!r}: the skill token holds NaN/Inf; this adapter is unusable")
+        return _Skill(token, self._bindings({name: 1.0}))
+
+    @torch.no_grad()
+    def _probe(self, name: str, skill: _Skill) -> LiveCheck:
+        """Plain-base vs skill actions on a fixed batch; restores the applied state (and keeps the action queue)."""
+        delta = math.sqrt(sum(float(layer.lora.delta_weight(name).float().square().sum())
+                              for layer in self._layers.values() if name in layer.lora.configs))
+        device = self._layers[next(iter(self._layers))].original.device if self._layers else torch.device("cpu")
+        batch = {k: v.to(device) for k, v in probe_batch(self.policy.config, batch_size=4).items()}
+        previous, training = self._applied.spec, self.policy.training
+        self.policy.eval()
+        try:
+            self._apply(_PLAIN, reset_queue=False)
+            plain = self.policy.predict_chunk(batch)
+            self._apply(_Switch({name: 1.0}, skill.bindings, skill.token), reset_queue=False)
+            change = float((self.policy.predict_chunk(batch) - plain).abs().max())
+        finally:
+            self._apply(_PLAIN, reset_queue=False)
+            if previous is not None:
+                self._apply(self._make_switch(previous), reset_queue=False)
+            self.policy.train(training)
+        return LiveCheck(name, delta, change)
+
+    def _forget(self, name: str, unwrap: list[str]) -> None:
+        """Remove adapter ``name`` from the policy and unwrap the given layers (those it alone used)."""
+        if any(name in layer.lora.configs for layer in self._layers.values()):
+            detach_adapter(self.policy, name)
+        for layer_name in unwrap:
+            layer = self._layers[layer_name]
+            if layer.lora.adapters:
+                continue
+            del self._layers[layer_name]
+            base = layer.lora.base_layer
+            base._parameters["weight"] = layer.original
+            for param_name, param in base.named_parameters():
+                param.requires_grad_(layer.lora.base_requires_grad[param_name])
+            parent, _, attr = layer_name.rpartition(".")
+            setattr(self.policy.get_submodule(parent) if parent else self.policy, attr, base)
