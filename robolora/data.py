@@ -39,10 +39,10 @@ def episode_filename(index: int) -> str:
     return f"episode_{index:06d}.safetensors"
 
 
-def _episode_keys(cameras: Sequence[str]) -> dict[str, tuple[str, int]]:
-    """Tensor name -> (safetensors dtype, rank) that every episode file must hold."""
-    keys = {f"obs.rgb_{cam}": ("U8", 4) for cam in cameras}
-    keys.update({"obs.proprio": ("F32", 2), "action": ("F32", 2), "action_exec": ("F32", 2), "success": ("U8", 1)})
+def _episode_keys(cameras: Sequence[str]) -> dict[str, str]:
+    """Tensor name -> safetensors dtype, for every tensor an episode file must hold."""
+    keys = {f"obs.rgb_{cam}": "U8" for cam in cameras}
+    keys.update({"obs.proprio": "F32", "action": "F32", "action_exec": "F32", "success": "U8"})
     return keys
 
 
@@ -511,7 +511,7 @@ def _read_episode_header(path: Path, length: int, cameras: tuple[str, ...], imag
             expected_shapes = {f"obs.rgb_{cam}": [length, image_size, image_size, 3] for cam in cameras}
             expected_shapes.update({"obs.proprio": [length, _PROPRIO_DIM], "action": [length, _ACTION_DIM],
                                     "action_exec": [length, _ACTION_DIM], "success": [length]})
-            for name, (dtype, _) in _episode_keys(cameras).items():
+            for name, dtype in _episode_keys(cameras).items():
                 if name not in handle.keys():
                     raise ValueError(f"tensor {name!r} is missing")
                 tensor = handle.get_slice(name)
