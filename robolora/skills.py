@@ -411,17 +411,23 @@ class SkillManager:
         device = self._layers[next(iter(self._layers))].original.device if self._layers else torch.device("cpu")
         batch = {k: v.to(device) for k, v in probe_batch(self.policy.config, batch_size=4).items()}
         previous, training = self._applied.spec, self.policy.training
-        self.policy.eval()
+        if training:
+            self.policy.eval()
         try:
             self._apply(_PLAIN, reset_queue=False)
             plain = self.policy.predict_chunk(batch)
             self._apply(_Switch({name: 1.0}, skill.bindings, skill.token), reset_queue=False)
-            change = float((self.policy.predict_chunk(batch) - plain).abs().max())
+            out = self.policy.predict_chunk(batch)
+            if not torch.isfinite(out).all():
+                raise ValueError(f"skill {name!r} gives NaN/Inf actions on the probe batch (A, B or the token "
+                                 "overflow); this adapter is unusable")
+            change = float((out - plain).abs().max())
         finally:
             self._apply(_PLAIN, reset_queue=False)
             if previous is not None:
                 self._apply(self._make_switch(previous), reset_queue=False)
-            self.policy.train(training)
+            if training:
+                self.policy.train()
         return LiveCheck(name, delta, change)
 
     def _forget(self, name: str, unwrap: list[str]) -> None:
