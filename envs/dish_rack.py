@@ -18,47 +18,36 @@ import numpy as np
 
 from .base import TabletopEnv
 from .expert import CLOSE, OPEN, Expert
+from .kitchen_scene import KITCHEN_PROPS, PLATE_RADIUS, PLATE_REST_Z, configure_plate, place_dish, \
+    place_sponge_after_wiping
 
-HOLDER_JITTER = np.array([0.01, 0.02, 0.0])  # around the arena's holder position; the rack stays where it is
-PLATE_RADIUS = 0.045
-PLATE_ROLLING_FRICTION = 0.01
-PLATE_REST_Z = 0.056  # plate centre when it stands on the holder or rack base
-N_SLOTS = 3
-LIT = np.array([0.1, 0.9, 0.15, 1.0])
-UNLIT = np.array([0.25, 0.25, 0.25, 1.0])
-MARKER_HALF_WIDTH = 0.018
 SLOT_TOLERANCE = np.array([0.007, 0.03])  # |dx|, |dy| of the plate centre from the slot centre
 MAX_REST_Z = 0.07
 UPRIGHT_COS = np.cos(np.deg2rad(15.0))
 WALL_TOP_Z = 0.05  # top of the rack's slot walls
 HOLDER_WALL_TOP_Z = 0.04
 HOVER_Z = WALL_TOP_Z + PLATE_RADIUS + 0.008  # plate centre when its rim hovers just above the walls
+RISE_Z = 0.065  # below this tcp height the hand rises before it moves sideways (fingers clear a lying sponge)
 
 
 class DishRackEnv(TabletopEnv):
-    """Plate upright in a holder on the left; a three-slot rack on the right with the target slot's marker lit."""
+    """Plate upright in a holder on the left; a three-slot rack on the right with the target slot's marker lit.
+
+    The kitchen's stage 2 (envs/kitchen_scene.py): no dirt, and the sponge where wiping left it, half of the
+    episodes still held by the gripper pressed on the table.
+    """
 
     task_name = "dish_rack"
-    props = ("plate_holder", "plate", "rack")
+    props = KITCHEN_PROPS
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._plate_geom = self.model.geom("plate").id
-        # A disc standing on its rim rolls out along the slot after release unless rolling friction acts
-        # (measured: 4 of 12 plates rolled 3-8 cm within 30 steps with condim 4, none with this). Set once here,
-        # not per episode, so nothing leaks between resets; only this task uses the plate.
-        self.model.geom_condim[self._plate_geom] = 6
-        self.model.geom_friction[self._plate_geom, 2] = PLATE_ROLLING_FRICTION
+        configure_plate(self)
 
     def _reset_task(self) -> None:
-        holder = self.model.body("plate_holder").pos + self.np_random.uniform(-HOLDER_JITTER, HOLDER_JITTER)
-        self.set_fixture_pos("plate_holder", holder)
-        self.set_free_pose("plate", holder + np.array([0.0, 0.0, PLATE_REST_Z]), np.array([1.0, 0.0, 0.0, 0.0]))
-        self.target_slot = int(self.np_random.integers(N_SLOTS))
-        for slot in range(N_SLOTS):
-            marker = self.model.geom(f"rack_marker_{slot}")
-            marker.rgba[:] = LIT if slot == self.target_slot else UNLIT
-            marker.size[0] = MARKER_HALF_WIDTH
+        self.target_slot = place_dish(self)
+        place_sponge_after_wiping(self)
 
     @property
     def slot_pos(self) -> np.ndarray:
@@ -148,6 +137,8 @@ class DishRackExpert(Expert):
             target = np.array([grasp[0], grasp[1], max(grasp[2] + 0.05, tcp[2])])
             if self.near(target, 0.008, slice(0, 2)):
                 self.phase = "descend"
+            elif tcp[2] < RISE_Z and not self.near(target, 0.03, slice(0, 2)):
+                target[:2] = tcp[:2]  # let go of a held sponge and rise before moving sideways
             return self.move_to(target), OPEN
         if self.phase == "descend":
             if not self.near(grasp, 0.02, slice(0, 2)):

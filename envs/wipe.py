@@ -15,34 +15,38 @@ import numpy as np
 from .base import TabletopEnv
 from .dish_rack import approach
 from .expert import CLOSE, OPEN, Expert
+from .kitchen_scene import HOLDER_CLEAR_X, KITCHEN_PROPS, N_SPOTS, SPONGE_HALF, SPOT_HIGH, SPOT_LOW, configure_plate, \
+    place_dish, place_sponge_home
 
-N_SPOTS = 8
 SPOT_Z = 0.0007  # spot centre: a 1.2 mm disc lying on the table top (z = 0)
 SPOT_STEP = (0.035, 0.045)  # random-walk step length (m)
 SPOT_TURN = 0.7  # max heading change per step (rad)
-SPOT_LOW = np.array([-0.1, -0.07])  # random-walk bounds (xy): the visible work area, clear of the sponge's start
-SPOT_HIGH = np.array([0.14, 0.1])
-SPONGE_HALF = np.array([0.025, 0.04, 0.015])
-SPONGE_JITTER = np.array([0.015, 0.015])
 PRESS_COMMAND = 0.5  # downward action while scrubbing (the hand rests on the workspace floor, no wind-up)
 PRESS_HEIGHT = 0.002  # sponge face within this of the table top counts as on it
 FLAT_COS = np.cos(np.deg2rad(15.0))  # a face within 15 degrees of horizontal counts as flat
 
 
 class WipeEnv(TabletopEnv):
-    """A sponge at the front-left and eight dirt spots on a random walk across the work area."""
+    """A sponge at the front-left and eight dirt spots on a random walk between the plate holder and the rack.
+
+    The kitchen's stage 1 (envs/kitchen_scene.py): the plate stands in its holder and one rack slot is lit.
+    """
 
     task_name = "wipe"
-    props = ("sponge",)
+    props = KITCHEN_PROPS
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._sponge_geom = self.model.geom("sponge").id
         self._spot_geoms = [self.model.geom(f"dirt_{i}").id for i in range(N_SPOTS)]
+        configure_plate(self)
 
     def _reset_task(self) -> None:
-        home = self.model.body("sponge").pos[:2] + self.np_random.uniform(-SPONGE_JITTER, SPONGE_JITTER)
-        self.set_free_pose("sponge", np.array([home[0], home[1], SPONGE_HALF[2]]), np.array([1.0, 0.0, 0.0, 0.0]))
+        self.target_slot = place_dish(self)
+        place_sponge_home(self)
+        self._place_dirt()
+
+    def _place_dirt(self) -> None:
         self.spots = self._random_walk()
         for geom, xy in zip(self._spot_geoms, self.spots):
             self.model.geom_pos[geom] = [xy[0], xy[1], SPOT_Z]
@@ -132,7 +136,7 @@ class WipeExpert(Expert):
 
     def _plan(self) -> None:
         self.grasp_offset = self.jitter(np.array([0.002, 0.01, 0.0]))
-        self.spot_offset = self.jitter(np.array([0.008, 0.012, 0.0]))[:2]
+        self.spot_offset = self.jitter(np.array([0.005, 0.012, 0.0]))[:2]
         self.scrub_speed = float(self.rng.uniform(0.6, 0.9))
         self.counter = 0
 
@@ -178,6 +182,8 @@ class WipeExpert(Expert):
                 self.phase = "scrub"
             elif sponge[2] < SPONGE_HALF[2] + 0.5 * self.travel_height:
                 target[:2] = tcp[:2]  # lift clear of the table first
+            elif sponge[0] < HOLDER_CLEAR_X:
+                target[1] = tcp[1]  # pass in front of the plate holder, not through its walls
             return self.move_to(target), CLOSE
         # scrub: press down (the workspace floor stops the hand) and slide the sponge centre onto the next spot
         self.counter = 0 if env.sponge_pressed() else self.counter + 1
