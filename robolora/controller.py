@@ -172,6 +172,9 @@ class BundleSpec:
 def _obs_spec(key: str, d: dict[str, Any]) -> ObsSpec:
     shape, dtype = tuple(int(s) for s in d["shape"]), np.dtype(d["dtype"])
     bounded = d.get("low") is not None
+    if bounded and dtype.kind in "iu":  # bounds that span the whole integer dtype (uint8 images) check nothing
+        info = np.iinfo(dtype)
+        bounded = not (np.all(np.asarray(d["low"]) <= info.min) and np.all(np.asarray(d["high"]) >= info.max))
     low = np.broadcast_to(np.asarray(d["low"], dtype=dtype), shape).copy() if bounded else None
     high = np.broadcast_to(np.asarray(d["high"], dtype=dtype), shape).copy() if bounded else None
     return ObsSpec(key, shape, dtype, low, high)
@@ -250,7 +253,8 @@ class Controller:
             problems.append(f"the bundle's action limits [{self.spec.action_low}, {self.spec.action_high}] exceed "
                             f"the env's [{action_space.low}, {action_space.high}]")
         if self.spec.num_tasks and self.task_id is None:
-            problems.append(f"this base bundle takes a task id; pass load_bundle(..., task_id=0..{self.spec.num_tasks - 1})")
+            problems.append(f"this base bundle takes a task id; pass load_bundle(..., task_id=N), "
+                            f"N in 0..{self.spec.num_tasks - 1}")
         if problems:
             raise BundleError(f"bundle {self.path} does not fit the env: {'; '.join(problems)}; make the env with "
                               f"image_size={self.spec.image_size}, cameras={self.spec.cameras} or export for it")
@@ -467,8 +471,8 @@ def control_main(bundle: str | Path, env_id: str, hz: float | None = None, episo
                  on_episode: Callable[[int], None] | None = None) -> dict[str, Any]:
     """``robolora control``: load ``bundle``, make ``env_id`` to its spec and run ``episodes`` at ``hz``.
 
-    ``hz`` defaults to the bundle's ``control_hz``; 0 runs unpaced. A base bundle that takes a task id runs ``task_id``, by
-    default the env's index in ``robolora.envs.BASE_TASKS``.
+    ``hz`` defaults to the bundle's ``control_hz``; 0 runs unpaced. A base bundle that takes a task id runs
+    ``task_id``, by default the env's index in ``robolora.envs.BASE_TASKS``.
     """
     import gymnasium as gym
 

@@ -219,11 +219,10 @@ def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: st
     cfg = module.policy.config
     if not control_hz > 0:
         raise ValueError(f"control_hz={control_hz} must be > 0")
-    bounds = _env_proprio_bounds(env_id, cfg) if env_id else None
+    low, high = _env_proprio_bounds(env_id, cfg) if env_id else (None, None)
     observation = {k: {"shape": [cfg.image_size, cfg.image_size, 3], "dtype": "uint8", "low": 0, "high": 255}
                    for k in cfg.image_keys}
-    observation["proprio"] = {"shape": [cfg.proprio_dim], "dtype": "float32",
-                              "low": None if bounds is None else bounds[0], "high": None if bounds is None else bounds[1]}
+    observation["proprio"] = {"shape": [cfg.proprio_dim], "dtype": "float32", "low": low, "high": high}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -152,6 +152,18 @@ def test_hold_before_any_action_is_the_stop_action(skill):
     assert controller.fault_count == 1
 
 
+def test_non_finite_model_output_is_a_held_fault(skill, monkeypatch):
+    controller = load_bundle(skill[0])
+    obs = make(REACH).reset(seed=0)[0]
+    first = controller.select_action(obs)
+    monkeypatch.setattr(controller, "predict_chunk", lambda inputs: np.full((1, 8, 4), np.nan, np.float32))
+    controller.reset()
+    assert np.array_equal(controller.select_action(obs), [0, 0, 0, 1])
+    assert controller.faults == {"observation": 0, "output": 1}
+    monkeypatch.undo()
+    assert np.array_equal(controller.select_action(obs), first), "the next good step re-queries the model"
+
+
 def test_actions_are_clamped_to_the_recorded_limits(skill, tmp_path):
     bundle = _copy(skill[0], tmp_path)
     meta = json.loads((bundle / "policy.json").read_text())
