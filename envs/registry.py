@@ -19,6 +19,7 @@ from .expert import Expert
 logger = logging.getLogger(__name__)
 
 _PACKAGE = __name__.rsplit(".", 1)[0]
+GROUPS = ("base", "skill", "composite")
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,11 @@ class TaskSpec:
     env_class: str
     expert_class: str
     max_episode_steps: int
-    group: str  # "base" (multi-task pretraining) or "skill" (held out, learnt by adapters)
+    group: str  # "base" (multi-task pretraining), "skill" (held out, learnt by adapters) or "composite" (chains skills)
 
     def __post_init__(self) -> None:
-        if self.group not in ("base", "skill"):
-            raise ValueError(f"TaskSpec.group={self.group!r} is invalid; use 'base' or 'skill'")
+        if self.group not in GROUPS:
+            raise ValueError(f"TaskSpec.group={self.group!r} is invalid; use one of {GROUPS}")
         if self.max_episode_steps <= 0:
             raise ValueError(f"TaskSpec.max_episode_steps={self.max_episode_steps} must be > 0")
         if not self.env_id.startswith("robolora/"):
@@ -62,12 +63,14 @@ SPECS: tuple[TaskSpec, ...] = (
              "base"),
     TaskSpec("dish_rack", "robolora/DishRack-v0", "dish_rack", "DishRackEnv", "DishRackExpert", 150, "skill"),
     TaskSpec("wipe", "robolora/Wipe-v0", "wipe", "WipeEnv", "WipeExpert", 200, "skill"),
+    TaskSpec("kitchen", "robolora/Kitchen-v0", "kitchen", "KitchenEnv", "KitchenExpert", 350, "composite"),
 )
 SPEC_BY_NAME: dict[str, TaskSpec] = {s.name: s for s in SPECS}
 SPEC_BY_ID: dict[str, TaskSpec] = {s.env_id: s for s in SPECS}
 TASKS: dict[str, str] = {s.name: s.env_id for s in SPECS}
 BASE_TASKS: tuple[str, ...] = tuple(s.name for s in SPECS if s.group == "base")
 SKILL_TASKS: tuple[str, ...] = tuple(s.name for s in SPECS if s.group == "skill")
+COMPOSITE_TASKS: tuple[str, ...] = tuple(s.name for s in SPECS if s.group == "composite")
 
 
 def register_all() -> None:

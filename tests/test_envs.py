@@ -45,12 +45,12 @@ def test_registry_matches_interfaces() -> None:
     assert list(TASKS.items()) == [
         ("reach", "robolora/Reach-v0"), ("push", "robolora/Push-v0"), ("pick_place", "robolora/PickPlace-v0"),
         ("drawer_open", "robolora/DrawerOpen-v0"), ("button_press", "robolora/ButtonPress-v0"),
-        ("dish_rack", "robolora/DishRack-v0"), ("wipe", "robolora/Wipe-v0"),
+        ("dish_rack", "robolora/DishRack-v0"), ("wipe", "robolora/Wipe-v0"), ("kitchen", "robolora/Kitchen-v0"),
     ]
     assert BASE_TASKS == ("reach", "push", "pick_place", "drawer_open", "button_press")
     assert SKILL_TASKS == ("dish_rack", "wipe")
     limits = {"reach": 50, "push": 100, "pick_place": 100, "drawer_open": 100, "button_press": 60,
-              "dish_rack": 150, "wipe": 200}
+              "dish_rack": 150, "wipe": 200, "kitchen": 350}
     assert {t: gym.spec(i).max_episode_steps for t, i in TASKS.items()} == limits
     with pytest.raises(KeyError, match="known names"):
         make("pour")
