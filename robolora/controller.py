@@ -457,7 +457,7 @@ def run_episodes(env: Any, controller: Controller, episodes: int, hz: float | No
         "control/ticks": len(tick_s),
         "control/faults": sum(r["faults"] for r in results),
         "control/deadline_misses": sum(r["deadline_misses"] for r in results),
-        "control/hz": hz or 0.0,
+        "control/hz": float(hz or 0.0),
         "control/policy_ms_p50": float(np.percentile(policy_ms, 50)),
         "control/policy_ms_p99": float(np.percentile(policy_ms, 99)),
         "control/tick_ms_p50": float(np.percentile(tick_ms, 50)),

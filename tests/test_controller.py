@@ -254,3 +254,28 @@ def test_runs_in_a_process_where_torch_cannot_be_imported(skill):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["control/episodes"] == 2 and result["control/faults"] == 0
     assert result["control/ticks"] >= 2 and result["skill"] == "wipe"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("skill_name, env_id", [(None, REACH), ("dish_rack", "robolora/DishRack-v0")])
+def test_shipped_policy_succeeds_as_often_through_the_controller(tmp_path, skill_name, env_id):
+    """The shipped base (and skill) exported and run by the controller on the torch evaluation's seeds: its success
+    rate lies inside the torch policy's 95% interval."""
+    from pathlib import Path
+
+    from robolora.controller import control_main
+    from robolora.policies import load_policy
+
+    shipped = Path(__file__).resolve().parents[1] / "policies" / "pretrained"
+    adapter = None if skill_name is None else shipped / "skills" / skill_name
+    if not (shipped / "base" / "model.safetensors").is_file() or (adapter is not None and not adapter.is_dir()):
+        pytest.skip("no shipped checkpoint under policies/pretrained")
+    policy = load_policy(shipped / "base")
+    task_id = 0 if adapter is None else None
+    if adapter is not None:
+        attach_for_eval(policy, adapter)
+    export_bundle(shipped / "base", adapter, tmp_path / "bundle")
+    torch_result = torch_evaluate.evaluate(policy, env_id, episodes=20, task_id=task_id)
+    result = control_main(tmp_path / "bundle", env_id, hz=0, episodes=20)
+    assert torch_result["eval/ci_low"] <= result["control/success_rate"] <= torch_result["eval/ci_high"]
+    assert result["control/faults"] == 0
