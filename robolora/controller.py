@@ -21,7 +21,7 @@ observation (or model output) is bad gets the *hold* action instead and the faul
 Actions are clamped to ``action.low``/``action.high``. ``run_episodes`` runs a fixed-rate loop (sleeping until each
 tick's deadline, counting ticks whose work overran it, then re-anchoring rather than bursting to catch up).
 
-This module must import without torch: it imports numpy and onnxruntime at the top and nothing else of robolora;
+This module must import without torch: it imports numpy, onnxruntime and the torch-free ``robolora.stats``;
 ``control_main`` imports gymnasium and ``robolora.envs`` (which import no torch either) when called.
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from robolora.stats import EVAL_SEED, wilson_interval
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "robolora.bundle"
@@ -48,7 +49,6 @@ ONNX_FILE, PT2_FILE, WEIGHTS_FILE, SPEC_FILE = "policy.onnx", "policy.pt2", "mod
 BUNDLE_FILES = (ONNX_FILE, PT2_FILE, WEIGHTS_FILE)
 OUTPUT_NAME = "actions"
 TASK_INPUT = "task_id"
-EVAL_SEED = 10_000_000  # the seeds robolora.evaluate uses (that module imports torch); a test keeps them equal
 
 
 class BundleError(ValueError):
@@ -390,16 +390,6 @@ class _ChunkQueue:
 
 
 # ------------------------------------------------------------------------------------------ the control loop
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval (as ``robolora.evaluate``, which imports torch)."""
-    if n == 0:
-        return 0.0, 1.0
-    p, denom = successes / n, 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def run_episodes(env: Any, controller: Controller, episodes: int, hz: float | None = None, seed: int = EVAL_SEED,
                  on_episode: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Drive ``env`` (one Gymnasium env) with ``controller`` for seeded episodes ``seed, seed + 1, ...``.
