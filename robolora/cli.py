@@ -199,6 +199,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from robolora.export import export_bundle
+
+    skill = resolve_run(args.skill, "adapter", "adapter.json") if args.skill else None
+    meta = export_bundle(resolve_run(args.base, "policy", "config.json"), skill, args.out, control_hz=args.hz,
+                         task_id=args.task_id)
+    files = {name: f["bytes"] for name, f in meta["files"].items()}
+    summary = {"out": meta["path"], "skill": meta.get("skill"), "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
+               **{f"bytes/{k}": v for k, v in files.items()}}
+    emit(args, meta if args.json else summary)
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from robolora.controller import control_main
+    from robolora.envs import TASKS
+
+    env_id = TASKS.get(args.env, args.env)
+    bar = Progress(args.episodes, "control", not args.json)
+    try:
+        m = control_main(args.bundle, env_id, hz=args.hz, episodes=args.episodes, seed=args.seed,
+                         task_id=args.task_id, on_episode=bar.update_to)
+    finally:
+        bar.close()
+    emit(args, m if args.json else {k: v for k, v in m.items() if k != "episodes"})
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
@@ -285,6 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="write the first episode as .gif/.mp4 (folder for many tasks)")
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="merge a skill into the base, strip LoRA, write a verified controller bundle",
+                       epilog="example: robolora export --skill policies/pretrained/skills/dish_rack --out bundles/dish")
+    p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
+    p.add_argument("--skill", type=Path, default=None, help="skill adapter to merge (default: the base alone)")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--hz", type=float, default=20.0, help="control rate recorded in the bundle (default 20)")
+    p.add_argument("--task-id", type=int, default=None, help="bake a base task id into a base-only bundle")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("control", help="run a bundle with the torch-free controller at a fixed rate in MuJoCo",
+                       epilog="example: robolora control --bundle bundles/dish --env robolora/DishRack-v0 --hz 20")
+    p.add_argument("--bundle", type=Path, required=True, help="controller bundle folder (robolora export)")
+    p.add_argument("--env", required=True, help="task name or gym id to drive")
+    p.add_argument("--hz", type=float, default=None, help="control rate (default: the bundle's; 0 = unpaced)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes (default 20)")
+    p.add_argument("--seed", type=int, default=None, help="first episode seed (default: held-out range)")
+    p.add_argument("--task-id", type=int, default=None, help="task id for a base bundle (default: the env's)")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_control)
     return parser
 
 
@@ -297,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "seed", 0) is None:
-        from robolora.evaluate import EVAL_SEED
+        from robolora.stats import EVAL_SEED
 
         args.seed = EVAL_SEED
     for attr in ("policy", "base"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,20 +19,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from robolora.stats import EVAL_SEED, wilson_interval
+
 logger = logging.getLogger(__name__)
 
-EVAL_SEED = 10_000_000
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion (better than the normal one near 0 and 1)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+__all__ = ["EVAL_SEED", "evaluate", "evaluate_tasks", "make_env", "wilson_interval", "write_video"]
 
 
 def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Path:

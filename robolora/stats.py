@@ -1,0 +1,22 @@
+"""Evaluation conventions shared by the torch side (robolora.evaluate) and the torch-free controller.
+
+Imports numpy-free standard library only, so ``robolora.controller`` can use it on a machine without torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Held-out evaluation seeds start here; demos are collected from seed 0 upwards, so the two never meet.
+EVAL_SEED = 10_000_000
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion (better than the normal one near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
