@@ -1,0 +1,407 @@
+"""RL fine-tuning of a skill adapter with stable-baselines3's PPO, training only LoRA (DESIGN.md §5, last bullet).
+
+Starting point: a behaviour-cloned adapter on the frozen base. PPO (Schulman et al., 2017) improves it on the
+skill's own environment; the base stays bit-identical and the result is an ordinary adapter folder.
+
+Design choices (why):
+
+- Actions are chunks, as at deployment. robolora executes the first ``n_action_steps`` (h) of each predicted chunk
+  before re-querying, and TRAINING.md measured that re-planning every step (h = 1) drops dish_rack from ~0.5 to 0.0:
+  an RL policy acting every step would start from a useless actor and optimise a controller nobody deploys. So
+  one RL action is the first h actions of the chunk, flattened to (h * 4,), executed open-loop by
+  :class:`ExecuteChunk` (macro-actions, as in RL with action chunking, Li et al., 2025, "Reinforcement Learning
+  with Action Chunking"). The deterministic RL policy is then exactly what ``robolora eval`` runs.
+- Actor: the Gaussian mean is the policy's own linear action head on its action-query tokens (before the [-1, 1]
+  clamp, so saturated outputs keep a gradient; SB3 clips executed actions to the action space, so the
+  deterministic action equals ``predict_chunk``). Exploration: a learned state-independent log-std per action
+  dimension, initialised at ``init_std`` = 0.1 (2 mm per step; the experts' DART noise of ~0.2 is what BC data
+  covers, so the actor stays in-distribution).
+- Critic: a fresh 2-layer MLP on the mean of the action-query tokens, detached, so value regression never moves
+  the LoRA weights (only the policy gradient does). It learns ``critic_lr / actor_lr`` times faster (one Adam
+  with per-group scales: SB3 rewrites every group's ``lr`` each update) and alone for the first
+  ``critic_warmup_rollouts`` rollouts, so early advantages are not noise.
+- Reward: sparse success (1 on the step the task succeeds, which ends the episode) by default. The envs' shaped
+  terms are a trap with termination on success: dish_rack pays +0.75 per step for holding the plate in the slot,
+  more than releasing it (success) ever earns. ``shaped_weight > 0`` adds them for tasks where that is safe.
+  Advantages are not normalised by default: with 0/1 rewards, a rollout without successes would otherwise turn
+  value noise into unit-size policy updates.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from torch import nn
+
+from robolora.adapters import adapter_from_policy, attach, load_adapter, save_adapter
+from robolora.envs import TASKS
+from robolora.evaluate import EVAL_SEED, make_env
+from robolora.inject import count_parameters, mark_only_lora_trainable, set_active_adapter
+from robolora.policies import VisuomotorPolicy, base_fingerprint, load_policy
+from robolora.recipes import shipped_base
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """PPO fine-tuning of a skill adapter. Counts of steps are policy decisions (one chunk of h env steps)."""
+
+    n_envs: int = 4
+    subproc: bool = False  # SubprocVecEnv (one process per env) instead of DummyVecEnv
+    n_steps: int = 64  # decisions per env per rollout
+    batch_size: int = 64
+    n_epochs: int = 4
+    actor_lr: float = 5e-5  # LoRA A/B, log-std (and the skill token when trained)
+    critic_lr: float = 1e-3
+    critic_warmup_rollouts: int = 2
+    gamma: float = 0.99  # per decision
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    target_kl: float | None = 0.05
+    max_grad_norm: float = 0.5
+    normalize_advantage: bool = False
+    init_std: float = 0.1
+    value_hidden: int = 64
+    execution_horizon: int | None = None  # None: the policy's n_action_steps, what evaluation executes
+    success_reward: float = 1.0
+    shaped_weight: float = 0.0
+    train_skill_token: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("n_envs", "n_steps", "batch_size", "n_epochs", "value_hidden"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)!r}: must be an int >= 1")
+        if self.n_steps * self.n_envs < 2:
+            raise ValueError(f"RLConfig: n_steps * n_envs = {self.n_steps * self.n_envs}; PPO needs >= 2")
+        for name in ("actor_lr", "critic_lr", "init_std", "clip_range", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)!r}: must be > 0")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"RLConfig.{name}={getattr(self, name)!r}: must be in (0, 1]")
+        if self.target_kl is not None and not self.target_kl > 0:
+            raise ValueError(f"RLConfig.target_kl={self.target_kl!r}: must be > 0 or None (no early stop)")
+        if self.critic_warmup_rollouts < 0:
+            raise ValueError(f"RLConfig.critic_warmup_rollouts={self.critic_warmup_rollouts!r}: must be >= 0")
+        if self.execution_horizon is not None and self.execution_horizon < 1:
+            raise ValueError(f"RLConfig.execution_horizon={self.execution_horizon!r}: must be >= 1 or None")
+        if self.success_reward < 0 or self.shaped_weight < 0 or self.success_reward + self.shaped_weight == 0:
+            raise ValueError(f"RLConfig: success_reward={self.success_reward}, shaped_weight={self.shaped_weight}; "
+                             "both must be >= 0 and not both 0 (there would be no reward)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ environment
+class ExecuteChunk(gym.Wrapper):
+    """One action = ``horizon`` env actions, flattened (horizon * A,), executed open-loop until the episode ends.
+
+    Reward: the sum over executed steps of ``success_reward * info["success"] + shaped_weight * env reward``.
+    ``info["success"]`` is whether any executed step succeeded; ``info["env_steps"]`` how many steps ran.
+    """
+
+    def __init__(self, env: gym.Env, horizon: int, success_reward: float = 1.0, shaped_weight: float = 0.0) -> None:
+        super().__init__(env)
+        box = env.action_space
+        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
+            raise ValueError(f"ExecuteChunk needs a flat Box action space, got {box}")
+        self.horizon = horizon
+        self.success_reward, self.shaped_weight = success_reward, shaped_weight
+        self.action_space = spaces.Box(np.tile(box.low, horizon), np.tile(box.high, horizon), dtype=box.dtype)
+
+    def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        actions = np.asarray(action, dtype=np.float32).reshape(self.horizon, -1)  # (h, A)
+        total, success = 0.0, False
+        for k, a in enumerate(actions):
+            obs, reward, terminated, truncated, info = self.env.step(a)
+            step_success = bool(info.get("success", False))
+            success |= step_success
+            total += self.success_reward * step_success + self.shaped_weight * float(reward)
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, {**info, "success": success, "env_steps": k + 1}
+
+
+def _make_chunk_env(env_id: str, horizon: int, success_reward: float, shaped_weight: float) -> gym.Env:
+    return ExecuteChunk(make_env(env_id, {}), horizon, success_reward, shaped_weight)
+
+
+def make_rl_env(env_id: str, horizon: int, config: RLConfig) -> VecEnv:
+    """``config.n_envs`` chunk-executing copies of ``env_id``; PPO seeds env i with ``config.seed + i``."""
+    fn = functools.partial(_make_chunk_env, env_id, horizon, config.success_reward, config.shaped_weight)
+    return (SubprocVecEnv if config.subproc else DummyVecEnv)([fn] * config.n_envs)
+
+
+# ------------------------------------------------------------------------------------------------ actor-critic
+class SkillFeatures(BaseFeaturesExtractor):
+    """The robolora policy as SB3's features extractor: observation dict -> final action-query tokens (B, K, D)."""
+
+    def __init__(self, observation_space: spaces.Dict, policy: VisuomotorPolicy) -> None:
+        cfg = policy.config
+        super().__init__(observation_space, features_dim=cfg.chunk_size * cfg.d_model)
+        self.policy = policy
+        # SB3 algorithms transpose image spaces to channels first (VecTransposeImage); the policy reads (H, W, 3).
+        # Made contiguous so the stem sees the same memory layout as from env images (bit-equal convolutions).
+        self.channels_first = {key: observation_space[key].shape[0] == 3 for key in cfg.image_keys}
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {key: obs[key].permute(0, 2, 3, 1).contiguous() if first else obs[key]
+                 for key, first in self.channels_first.items()}
+        batch["proprio"] = obs["proprio"]
+        return self.policy._action_tokens(batch)  # (B, K, D); skill token set, so no task_id
+
+
+class SkillActorCritic(ActorCriticPolicy):
+    """SB3 actor-critic whose actor is a robolora policy: Gaussian mean = its first ``horizon`` chunk actions."""
+
+    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Box, lr_schedule: Callable[[float], float],
+                 *, skill_policy: VisuomotorPolicy, horizon: int, init_std: float = 0.1, value_hidden: int = 64,
+                 critic_lr_scale: float = 1.0, **kwargs: Any) -> None:
+        expected = (horizon * skill_policy.config.action_dim,)
+        if action_space.shape != expected:
+            raise ValueError(f"action space {action_space.shape} must be (horizon * action_dim,) = {expected}; "
+                             "wrap the env in ExecuteChunk(env, horizon)")
+        if skill_policy.skill_token is None:
+            raise ValueError("the policy has no skill token: attach and activate a skill adapter first")
+        self.horizon, self.value_hidden, self.critic_lr_scale = horizon, value_hidden, critic_lr_scale
+        super().__init__(observation_space, action_space, lr_schedule, log_std_init=math.log(init_std),
+                         ortho_init=False, features_extractor_class=SkillFeatures,
+                         features_extractor_kwargs={"policy": skill_policy}, normalize_images=False,
+                         optimizer_class=ScaledAdam, optimizer_kwargs={"eps": 1e-5}, **kwargs)
+
+    @property
+    def skill_policy(self) -> VisuomotorPolicy:
+        return self.features_extractor.policy
+
+    def _build(self, lr_schedule: Callable[[float], float]) -> None:
+        d = self.skill_policy.config.d_model
+        self.value_net = nn.Sequential(nn.Linear(d, self.value_hidden), nn.Tanh(),
+                                       nn.Linear(self.value_hidden, self.value_hidden), nn.Tanh(),
+                                       nn.Linear(self.value_hidden, 1))
+        self.log_std = nn.Parameter(torch.full(self.action_space.shape, self.log_std_init))
+        actor = [p for p in self.skill_policy.parameters() if p.requires_grad] + [self.log_std]
+        self.optimizer = self.optimizer_class(
+            [{"params": actor, "lr_scale": 1.0},
+             {"params": list(self.value_net.parameters()), "lr_scale": self.critic_lr_scale}],
+            lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """What the policy gradient trains: the first optimizer group (LoRA A/B, log-std, optional skill token)."""
+        return list(self.optimizer.param_groups[0]["params"])
+
+    def _heads(self, obs: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        tokens = self.extract_features(obs)  # (B, K, D)
+        # the head on all K tokens, then sliced: same matmul shapes as predict_chunk, so bit-equal actions
+        mean = self.skill_policy.action_head(tokens)[:, :self.horizon].flatten(1)  # (B, h * A)
+        values = self.value_net(tokens.detach().mean(1))  # (B, 1)
+        return self.action_dist.proba_distribution(mean, self.log_std), values
+
+    def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> tuple[torch.Tensor, ...]:
+        distribution, values = self._heads(obs)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values, distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        distribution, values = self._heads(obs)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs: dict[str, torch.Tensor]) -> Any:
+        return self._heads(obs)[0]
+
+    def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._heads(obs)[1]
+
+    def set_training_mode(self, mode: bool) -> None:
+        super().set_training_mode(mode)
+        self.skill_policy.eval()  # no dropout in RL: rollouts and PPO's ratio must see the same network
+
+
+class ScaledAdam(torch.optim.Adam):
+    """Adam with a per-group ``lr_scale``. SB3 overwrites every group's ``lr`` with its schedule before each update,
+    so a separate critic learning rate has to be a multiplier applied at step time."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        base = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        try:
+            return super().step(closure)
+        finally:
+            for group, lr in zip(self.param_groups, base):
+                group["lr"] = lr
+
+
+def build_ppo(policy: VisuomotorPolicy, env: VecEnv, config: RLConfig, horizon: int) -> PPO:
+    """PPO over ``env`` (an :class:`ExecuteChunk` VecEnv) with ``policy`` (skill active, LoRA trainable) as actor."""
+    return PPO(SkillActorCritic, env, learning_rate=config.actor_lr, n_steps=config.n_steps,
+               batch_size=config.batch_size, n_epochs=config.n_epochs, gamma=config.gamma,
+               gae_lambda=config.gae_lambda, clip_range=config.clip_range, normalize_advantage=config.normalize_advantage,
+               ent_coef=0.0, vf_coef=0.5, max_grad_norm=config.max_grad_norm, target_kl=config.target_kl,
+               seed=config.seed, device=config.device, verbose=0,
+               policy_kwargs={"skill_policy": policy, "horizon": horizon, "init_std": config.init_std,
+                              "value_hidden": config.value_hidden,
+                              "critic_lr_scale": config.critic_lr / config.actor_lr})
+
+
+class _Monitor(BaseCallback):
+    """Counts env steps and episodes, freezes the actor during critic warm-up, reports after each rollout."""
+
+    def __init__(self, warmup_rollouts: int, progress: Callable[[int, dict[str, float]], None] | None) -> None:
+        super().__init__()
+        self.warmup_rollouts, self.progress = warmup_rollouts, progress
+        self.env_steps = self.episodes = self.successes = self.rollouts = 0
+        self.window: list[bool] = []
+        self.train_metrics: dict[str, float] = {}
+
+    def _read_train_metrics(self) -> None:
+        # PPO records its train/* values after each update; they are dumped (cleared) after the next rollout
+        self.train_metrics.update({k: float(v) for k, v in self.model.logger.name_to_value.items()
+                                   if k.startswith("train/")})
+
+    def _on_rollout_start(self) -> None:
+        self._read_train_metrics()
+        frozen = self.rollouts < self.warmup_rollouts
+        for p in self.model.policy.actor_parameters():
+            p.requires_grad_(not frozen)
+        self.window = []
+
+    def _on_step(self) -> bool:
+        for info, done in zip(self.locals["infos"], self.locals["dones"]):
+            self.env_steps += int(info.get("env_steps", 1))
+            if done:
+                self.episodes += 1
+                self.successes += bool(info.get("success", False))
+                self.window.append(bool(info.get("success", False)))
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        if self.progress is not None:
+            self.progress(self.env_steps, {"rl/rollout_success": float(np.mean(self.window)) if self.window else 0.0,
+                                           "rl/episodes": float(self.episodes)})
+
+    def _on_training_end(self) -> None:
+        self._read_train_metrics()
+
+    def metrics(self) -> dict[str, float]:
+        return {"rl/env_steps": float(self.env_steps), "rl/episodes": float(self.episodes),
+                "rl/train_success_rate": self.successes / max(self.episodes, 1), "rl/rollouts": float(self.rollouts),
+                **{f"rl/{k.split('/', 1)[1]}": v for k, v in self.train_metrics.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def _load_skill(base: str | Path, skill: str | Path, device: str) -> tuple[VisuomotorPolicy, Any]:
+    policy = load_policy(base, device=device)
+    adapter = load_adapter(skill)
+    if adapter.skill_token is None:
+        raise ValueError(f"adapter {skill} has no skill token; RL fine-tuning needs a skill adapter from "
+                         "`robolora train-skill` (base tasks take a task id the skill env does not provide)")
+    name = attach(policy, adapter)
+    set_active_adapter(policy, name)
+    return policy, adapter
+
+
+def finetune_rl(
+    skill: str | Path,
+    steps: int,
+    out_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    config: RLConfig = RLConfig(),
+    env_id: str | None = None,
+    eval_episodes: int = 0,
+    eval_seed: int = EVAL_SEED,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the skill adapter folder ``skill`` with PPO for about ``steps`` env steps; save to ``out_dir/adapter``.
+
+    ``base`` defaults to the shipped base; ``env_id`` to the skill's task. Steps are rounded up to whole PPO
+    rollouts (``n_envs * n_steps`` decisions of h env steps each, fewer at episode ends); the env steps actually
+    run are returned. Only LoRA A/B (and with ``config.train_skill_token`` the skill token) change; the base is
+    checked bit-identical afterwards. ``eval_episodes > 0`` evaluates the adapter before and after (loaded from
+    their folders) on the same held-out seeds ``eval_seed ...`` with ``robolora.evaluate``. ``progress(env_steps,
+    metrics)`` is called after every rollout. Returns ``out``, the RL metrics (``rl/...``), wall times and, when
+    evaluated, ``before`` / ``after`` evaluation metrics.
+    """
+    if steps < 0:
+        raise ValueError(f"steps={steps}: must be >= 0 env steps")
+    base = Path(base) if base is not None else shipped_base()
+    policy, source = _load_skill(base, skill, config.device)
+    env_id = env_id or TASKS.get(source.skill)
+    if env_id is None:
+        raise ValueError(f"adapter skill {source.skill!r} is not a task ({sorted(TASKS)}); pass env_id")
+    horizon = config.execution_horizon or policy.config.n_action_steps
+    fingerprint = base_fingerprint(policy)
+    token = nn.Parameter(source.skill_token.clone().to(config.device), requires_grad=config.train_skill_token)
+    policy.set_skill_token(token)
+    mark_only_lora_trainable(policy, extra=[token] if config.train_skill_token else [])
+    trainable = count_parameters(policy)["trainable"]
+    result: dict[str, Any] = {"env_id": env_id, "execution_horizon": horizon, "trainable_params": trainable}
+    if eval_episodes:
+        result["before"] = _evaluate_adapter(base, skill, env_id, eval_episodes, eval_seed, config)
+
+    env = make_rl_env(env_id, horizon, config)
+    t0 = time.perf_counter()
+    try:
+        model = build_ppo(policy, env, config, horizon)
+        monitor = _Monitor(config.critic_warmup_rollouts, progress)
+        decisions = math.ceil(steps / horizon)
+        if decisions:
+            model.learn(total_timesteps=decisions, callback=monitor)
+    finally:
+        env.close()
+    result["rl_wall_s"] = time.perf_counter() - t0
+    result.update(monitor.metrics())
+    if base_fingerprint(policy) != fingerprint:
+        raise RuntimeError("the base weights changed during RL fine-tuning (a bug: only LoRA may train)")
+    logger.info("RL fine-tuned %s on %s: %d env steps, %d episodes in %.0f s", source.skill, env_id,
+                monitor.env_steps, monitor.episodes, result["rl_wall_s"])
+
+    record = {"config": config.to_dict(), "env_id": env_id, "steps_requested": steps, "source": str(skill),
+              "trainable_params": trainable, "wall_s": result["rl_wall_s"],
+              **{k[len("rl/"):]: v for k, v in result.items() if k.startswith("rl/")}}
+    metadata = {**{k: v for k, v in source.metadata.items() if k != "eval"}, "rl": record}
+    adapter = adapter_from_policy(policy.cpu(), source.skill, metadata=metadata)
+    out = save_adapter(adapter, Path(out_dir) / ADAPTER_DIR)
+    result["out"] = str(out)
+    if eval_episodes:
+        result["after"] = _evaluate_adapter(base, out, env_id, eval_episodes, eval_seed, config)
+        adapter.metadata["eval"] = {k: v for k, v in result["after"].items() if k != "episodes"}
+        save_adapter(adapter, out)
+    return result
+
+
+def _evaluate_adapter(base: Path, skill: str | Path, env_id: str, episodes: int, seed: int,
+                      config: RLConfig) -> dict[str, Any]:
+    # one env: results do not depend on num_envs, and spawning workers costs more than 2 cores give back
+    from robolora.adapters import attach_for_eval
+    from robolora.evaluate import evaluate
+
+    policy = load_policy(base, device=config.device)
+    attach_for_eval(policy, skill)
+    t0 = time.perf_counter()
+    metrics = evaluate(policy, env_id, episodes, seed=seed)
+    return {**metrics, "eval/wall_s": time.perf_counter() - t0}
