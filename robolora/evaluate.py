@@ -53,14 +53,16 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Pa
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any]) -> gym.Env:
-    """``gym.make`` after registering robolora's tasks (also inside spawned vector-env workers)."""
-    import robolora.envs  # noqa: F401  registers the tasks
+    """``gym.make`` of a robolora task (registers the tasks first)."""
+    from robolora.envs import make
 
-    return gym.make(env_id, **env_kwargs)
+    return make(env_id, **env_kwargs)
 
 
 def _make_envs(env_id: str, num_envs: int, env_kwargs: dict[str, Any]) -> gym.vector.VectorEnv:
-    fns = [functools.partial(make_env, env_id, env_kwargs) for _ in range(num_envs)]
+    from robolora.envs import make  # torch-free: spawned workers import only the envs, not this module
+
+    fns = [functools.partial(make, env_id, **env_kwargs) for _ in range(num_envs)]
     if num_envs == 1:
         return gym.vector.SyncVectorEnv(fns)
     return gym.vector.AsyncVectorEnv(fns, context="spawn")
