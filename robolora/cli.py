@@ -199,6 +199,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from robolora.rollout import rollout_main, rollout_rows
+    from robolora.train import resolve_device
+
+    bar = Progress(args.episodes, "rollout", not args.json)
+    try:
+        m = rollout_main(args.skills, resolve_run(args.base, "policy", "config.json"), episodes=args.episodes,
+                         seed=args.seed, switch=args.switch, schedule_ticks=args.schedule, mode=args.mode,
+                         video_path=args.video, device=str(resolve_device(args.device)), progress=bar.update_to)
+    finally:
+        bar.close()
+
+    def table() -> str:
+        timing = (f"switch latency p50/p99/max: {m['rollout/switch_us_p50']:.1f} / {m['rollout/switch_us_p99']:.1f} / "
+                  f"{m['rollout/switch_us_max']:.1f} us; policy step p50/p99: {m['rollout/latency_ms_p50']:.2f} / "
+                  f"{m['rollout/latency_ms_p99']:.2f} ms; mean length {m['rollout/mean_length']:.1f}")
+        return format_table(rollout_rows(m), ["stage", "success", "ci95"]) + "\n" + timing + (
+            f"\nvideo: {m['video']}" if m.get("video") else "")
+
+    emit(args, m, table)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from robolora.export import export_bundle
 
@@ -313,6 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="write the first episode as .gif/.mp4 (folder for many tasks)")
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("rollout", help="two-stage kitchen episodes, switching skills at run time (SkillManager)",
+                       epilog="example: robolora rollout --skills wipe,dish_rack --episodes 50 --video kitchen.gif")
+    p.add_argument("--skills", default="wipe,dish_rack",
+                   help="comma-separated skills in stage order: shipped names or adapter folders")
+    p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
+    p.add_argument("--episodes", type=int, default=50, help="episodes (default 50)")
+    p.add_argument("--seed", type=int, default=None, help="first episode seed (default: held-out range)")
+    p.add_argument("--switch", default="success", choices=["success", "schedule"],
+                   help="switch on the stage's success signal (default) or at --schedule ticks")
+    p.add_argument("--schedule", type=int, nargs="+", default=None, help="tick at which each next skill starts")
+    p.add_argument("--mode", default="bank", choices=["bank", "inplace", "unmerged"],
+                   help="SkillManager mode (default bank: precomputed merged weights, zero added step latency)")
+    p.add_argument("--video", default=None, help="write the first episode as .gif/.mp4")
+    _common(p)
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("export", help="merge a skill into the base, strip LoRA, write a verified controller bundle",
                        epilog="example: robolora export --skill policies/pretrained/skills/dish_rack --out bundles/dish")
