@@ -178,6 +178,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from robolora.rollout import shipped_skills_dir
+
+    shipped = all((shipped_skills_dir() / s / "adapter.json").exists() for s in ("wipe", "dish_rack"))
+    if args.mechanics or not shipped:
+        if not shipped and not args.mechanics:
+            print("robolora demo: no shipped skill adapters in this installation; showing the LoRA mechanics",
+                  file=sys.stderr)
+        return _lora_mechanics(args)
+    from robolora.demo import kitchen_demo
+    from robolora.recipes import shipped_base
+    from robolora.rollout import rollout_rows
+    from robolora.train import resolve_device
+
+    bar = Progress(args.episodes, "kitchen", not args.json)
+    try:
+        m = kitchen_demo(shipped_base(), episodes=args.episodes, out_dir=args.out,
+                         device=str(resolve_device(args.device)), progress=bar.update_to)
+    finally:
+        bar.close()
+
+    def table() -> str:
+        lat = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith("demo/latency_ms/")}
+        rows = rollout_rows(m)
+        timing = [
+            {"measure": "policy step in the rollout, p50 / p99 (ms)",
+             "value": f"{m['rollout/latency_ms_p50']:.2f} / {m['rollout/latency_ms_p99']:.2f}"},
+            {"measure": "skill switch, p50 / p99 / max (us)",
+             "value": f"{m['rollout/switch_us_p50']:.1f} / {m['rollout/switch_us_p99']:.1f} / "
+                      f"{m['rollout/switch_us_max']:.1f}"},
+            {"measure": "query latency plain base / skill merged (bank) / unmerged (ms)",
+             "value": f"{lat['plain']:.2f} / {lat['bank']:.2f} / {lat['unmerged']:.2f}"},
+            {"measure": "merged skill vs plain base", "value": f"{lat['bank'] / lat['plain']:.3f}x"},
+        ]
+        return "\n".join([format_table(rows, ["stage", "success", "ci95"]), "", format_table(timing, ["measure", "value"]),
+                          f"video: {m['video']}", f"plot:  {m['plot']}"])
+
+    emit(args, m, table)
+    return 0
+
+
+def _lora_mechanics(args: argparse.Namespace) -> int:
     from robolora.demo import lora_demo
 
     m = lora_demo(preset=args.preset, rank=args.rank)
@@ -269,10 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, device=False)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="attach two LoRA skills to the policy, switch, merge, print measurements")
-    p.add_argument("--preset", default="base", help="policy size: tiny, base or large (default base)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    _common(p, device=False)
+    p = sub.add_parser("demo", help="kitchen rollout switching the shipped skills; prints a table, writes video + plot",
+                       epilog="example: robolora demo --episodes 10 --out robolora_demo")
+    p.add_argument("--episodes", type=int, default=10, help="kitchen episodes (default 10)")
+    p.add_argument("--out", type=Path, default=Path("robolora_demo"), help="folder for the video and the plot")
+    p.add_argument("--mechanics", action="store_true",
+                   help="instead: attach two untrained LoRA skills to the policy, switch, merge, measure")
+    p.add_argument("--preset", default="base", help="with --mechanics: policy size tiny, base or large")
+    p.add_argument("--rank", type=int, default=8, help="with --mechanics: LoRA rank (default 8)")
+    _common(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("collect", help="record scripted-expert demonstrations into a dataset folder",

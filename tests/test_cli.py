@@ -18,7 +18,7 @@ def test_version(capsys):
 
 
 def test_demo_reports_exact_lora_mechanics(capsys):
-    assert main(["demo", "--preset", "tiny", "--json"]) == 0
+    assert main(["demo", "--mechanics", "--preset", "tiny", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["demo/fresh_adapter_max_diff"] == 0.0
     assert m["demo/switch_back_max_diff"] == 0.0
