@@ -1,0 +1,292 @@
+"""Skill switching benchmark (issue 6; DESIGN.md §4): SkillManager's modes against PEFT on the visuomotor policy.
+
+One run, side by side, on the shipped base config and a larger one (12 layers, d=512), batch 1, LoRA r=8 on
+attn.q/k/v/o, every adapter with a skill token (PEFT has none: its switches move the LoRA weights only):
+- step latency p50/p99 of ``predict_chunk`` under no_grad: plain base, bank, inplace, unmerged, PEFT unmerged,
+  PEFT merged. Variants are timed in interleaved rounds (rotating order) so machine noise hits them alike; the ratio
+  to the plain base is given from wall-clock p50 and from per-thread CPU-time p50 (immune to preemption by other
+  processes, the fairer ratio on a shared machine);
+- switch latency p50/p99/max (wall) and CPU-time p99, cycling 4 skills, each switch timed right after an untimed
+  step of the model it switches, as in a control loop (caches as a step leaves them): ours is ``activate`` +
+  ``apply_pending`` (all the work of a switch, wherever it runs); PEFT ``set_adapter``, ``unmerge_adapter`` +
+  ``set_adapter`` + ``merge_adapter``, ``hotswap_adapter`` (from the adapter folder, as documented) and
+  ``hotswap_adapter_from_state_dict`` (preloaded);
+- memory per attached skill (tensor bytes the skill adds);
+- recompiles under ``torch.compile`` while cycling 16 skills twice (base config; dynamo with a counting backend,
+  so no C++ compiler is needed; guards, and therefore recompiles, are decided by dynamo, not by the backend).
+
+Usage:
+    python scripts/bench_skills.py                            # base + 12x512, ~3 min on 2 shared cores
+    python scripts/bench_skills.py --configs base --step-rounds 600
+    python scripts/bench_skills.py --threads 2 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from robolora.adapters import SkillAdapter, to_peft
+from robolora.config import ATTENTION_TARGETS, LoRAConfig
+from robolora.demo import probe_batch
+from robolora.inject import target_matches
+from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint
+from robolora.skills import MODES, SkillManager
+
+CONFIGS = {"base": {}, "12x512": dict(d_model=512, n_layers=12, n_heads=8)}
+MB = 1 << 20
+
+
+def make_adapters(policy: VisuomotorPolicy, count: int, rank: int, seed: int) -> list[SkillAdapter]:
+    """``count`` adapters shaped like trained ones: A ~ N(0, 1/r^2), B ~ N(0, 0.02^2), a random skill token."""
+    g = torch.Generator().manual_seed(seed)
+    config = LoRAConfig(rank=rank, alpha=2.0 * rank)
+    layers = {n: m for n, m in policy.named_modules()
+              if isinstance(m, nn.Linear) and any(target_matches(n, p) for p in ATTENTION_TARGETS)}
+    fingerprint = base_fingerprint(policy)
+    adapters = []
+    for i in range(count):
+        lora = {n: (torch.randn(rank, m.in_features, generator=g) / rank,
+                    torch.randn(m.out_features, rank, generator=g) * 0.02) for n, m in layers.items()}
+        token = torch.randn(policy.config.d_model, generator=g) * 0.02
+        adapters.append(SkillAdapter(f"s{i}", config, lora, token, fingerprint))
+    return adapters
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 5,
+                before: dict[str, Callable[[], object]] | None = None) -> dict[str, np.ndarray]:
+    """Run every fn once per round in a rotating order, each right after its untimed ``before`` call if any;
+    returns {name: (rounds, 2) [wall, cpu] seconds}."""
+    names = list(fns)
+    out: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    gc.collect()
+    gc.disable()  # as timeit does: a GC pass set off by one variant's garbage must not be billed to another
+    try:
+        for r in range(warmup + rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                if before is not None:
+                    before[name]()
+                t = timed(fns[name], device)
+                if r >= warmup:
+                    out[name].append(t)
+    finally:
+        gc.enable()
+    return {n: np.asarray(v) for n, v in out.items()}
+
+
+def managers(policy: VisuomotorPolicy, adapters: list[SkillAdapter]) -> dict[str, SkillManager]:
+    out = {}
+    for mode in MODES:
+        mgr = SkillManager(copy.deepcopy(policy), mode)
+        for adapter in adapters:
+            mgr.attach(adapter.skill, adapter)
+        mgr.activate(adapters[0].skill)
+        mgr.apply_pending()
+        out[mode] = mgr
+    return out
+
+
+def peft_model(policy: VisuomotorPolicy, folders: list[Path], names: list[str] | None) -> nn.Module:
+    """A PeftModel over a copy of the policy with every folder loaded (names None: one adapter, "default")."""
+    from peft import PeftModel
+
+    first = names[0] if names else "default"
+    model = PeftModel.from_pretrained(copy.deepcopy(policy), str(folders[0]), adapter_name=first)
+    for folder, name in zip(folders[1:], (names or [])[1:]):
+        model.load_adapter(str(folder), adapter_name=name)
+    model.set_adapter(first)
+    return model.eval()
+
+
+def peft_switches(policy: VisuomotorPolicy, folders: list[Path], names: list[str], unmerged: nn.Module,
+                  merged: nn.Module) -> tuple[dict[str, Callable[[int], object]], dict[str, nn.Module]]:
+    """PEFT's ways to switch, and the PeftModel each one switches."""
+    from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+
+    hot = peft_model(policy, folders[:1], None)
+
+    def remerge(i: int) -> None:
+        merged.unmerge_adapter()
+        merged.set_adapter(names[i])
+        merged.merge_adapter()
+
+    out = {"PEFT set_adapter": lambda i: unmerged.set_adapter(names[i]), "PEFT unmerge+set+merge": remerge,
+           "PEFT hotswap_adapter": lambda i: hotswap_adapter(hot, str(folders[i]), "default", torch_device="cpu")}
+    try:  # the in-memory variant needs PEFT's key renaming, a private helper that may move between versions
+        from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
+
+        states = [_insert_adapter_name_into_state_dict(load_peft_weights(str(f), device="cpu"), "default", "lora_")
+                  for f in folders]
+        config = hot.peft_config["default"]
+        out["PEFT hotswap (state dict)"] = lambda i: hotswap_adapter_from_state_dict(hot, states[i], "default", config)
+    except ImportError as e:
+        print(f"(PEFT hotswap_adapter_from_state_dict skipped: {e})")
+    models = {"PEFT set_adapter": unmerged, "PEFT unmerge+set+merge": merged}
+    return out, {name: models.get(name, hot) for name in out}
+
+
+def peft_bytes(model: nn.Module, name: str) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if f".{name}." in n)
+
+
+def bench_config(label: str, args: argparse.Namespace, device: torch.device, peft_ok: bool,
+                 workdir: Path) -> list[str]:
+    torch.manual_seed(args.seed)
+    policy = VisuomotorPolicy(PolicyConfig.preset("base", **CONFIGS[label])).to(device).eval()
+    batch = {k: v.to(device) for k, v in probe_batch(policy.config).items()}
+    adapters = make_adapters(policy, 4, args.rank, args.seed)
+    names = [a.skill for a in adapters]
+    ours = managers(policy, adapters)
+    steps: dict[str, Callable[[], object]] = {"plain base": lambda: policy.predict_chunk(batch)}
+    steps.update({mode: (lambda m=m: m.predict_chunk(batch)) for mode, m in ours.items()})
+    memory = {mode: m.memory_bytes()[names[0]] for mode, m in ours.items()}
+    switch_fns: dict[str, Callable[[int], object]] = {}
+    for mode, mgr in ours.items():
+        def switch(i: int, mgr: SkillManager = mgr) -> None:
+            mgr.activate(names[i])
+            mgr.apply_pending()
+        switch_fns[mode] = switch
+    switched_step = {mode: steps[mode] for mode in ours}  # what runs (untimed) right before each switch
+    if peft_ok:
+        folders = [to_peft(a, workdir / label / a.skill) for a in adapters]
+        unmerged, merged = peft_model(policy, folders, names), peft_model(policy, folders, names)
+        merged.merge_adapter()
+        for model in (unmerged, merged):
+            model.base_model.model.set_skill_token(nn.Parameter(adapters[0].skill_token.to(device), False))
+        steps["PEFT unmerged"] = lambda: unmerged.base_model.model.predict_chunk(batch)
+        steps["PEFT merged"] = lambda: merged.base_model.model.predict_chunk(batch)
+        peft_fns, peft_models = peft_switches(policy, folders, names, unmerged, merged)
+        switch_fns.update(peft_fns)
+        switched_step.update({k: (lambda m=m: m.base_model.model.predict_chunk(batch)) for k, m in peft_models.items()})
+        memory["PEFT unmerged"] = memory["PEFT merged"] = peft_bytes(unmerged, names[0])
+        with torch.no_grad():
+            gap = (unmerged.base_model.model.predict_chunk(batch) - ours["unmerged"].predict_chunk(batch)).abs().max()
+        print(f"[{label}] parity: PEFT unmerged vs ours (skill s0) max |diff| = {gap:.2e}")
+
+    rounds = args.step_rounds if label == "base" else args.large_rounds
+    counter = iter(range(1 << 30))
+    with torch.no_grad():
+        step_t = interleaved(steps, rounds, device)
+        switch_t = interleaved({k: (lambda f=f: f(next(counter) % len(names))) for k, f in switch_fns.items()},
+                               rounds, device, warmup=4, before=switched_step)
+    plain_wall, plain_cpu = (np.median(step_t["plain base"][:, c]) for c in (0, 1))
+    rows = []
+    for name in dict.fromkeys([*steps, *switch_fns]):
+        cells = [label, name]
+        if name in step_t:
+            wall, cpu = step_t[name][:, 0], step_t[name][:, 1]
+            cells += [f"{np.median(wall) * 1e3:.2f}", f"{np.percentile(wall, 99) * 1e3:.2f}",
+                      f"{np.median(wall) / plain_wall:.3f}", f"{np.median(cpu) / plain_cpu:.3f}"]
+        else:
+            cells += [""] * 4
+        if name in switch_t:
+            wall, cpu = switch_t[name][:, 0] * 1e6, switch_t[name][:, 1] * 1e6
+            cells += [f"{np.median(wall):.0f}", f"{np.percentile(wall, 99):.0f}", f"{wall.max():.0f}",
+                      f"{np.percentile(cpu, 99):.0f}"]
+        else:
+            cells += [""] * 4
+        cells.append(f"{memory[name] / MB:.2f}" if name in memory else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def recompiles(args: argparse.Namespace, device: torch.device, peft_ok: bool, workdir: Path) -> list[str]:
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(args.seed)
+    policy = VisuomotorPolicy(PolicyConfig.preset("base")).to(device).eval()
+    batch = {k: v.to(device) for k, v in probe_batch(policy.config).items()}
+    adapters = make_adapters(policy, 16, args.rank, args.seed + 1)
+    names = [a.skill for a in adapters]
+    cycles: dict[str, tuple[Callable[[], object], Callable[[str], None]]] = {}
+    for mode in MODES:
+        mgr = SkillManager(copy.deepcopy(policy), mode)
+        for adapter in adapters:
+            mgr.attach(adapter.skill, adapter)
+
+        def switch(name: str, mgr: SkillManager = mgr) -> None:
+            mgr.activate(name)
+            mgr.apply_pending()
+        cycles[mode] = (mgr.policy.predict_chunk, switch)
+    if peft_ok:
+        folders = [to_peft(a, workdir / "compile" / a.skill) for a in adapters]
+        model = peft_model(policy, folders, names)
+        cycles["PEFT set_adapter"] = (model.base_model.model.predict_chunk, model.set_adapter)
+    limit = torch._dynamo.config.recompile_limit
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # the limit warning is reported in the table
+    rows = []
+    for label, (fn, switch) in cycles.items():
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(fn, backend=counter)
+        with torch.no_grad():
+            for name in names * 2:
+                switch(name)
+                compiled(batch)
+        n = counter.frame_count - 1
+        note = f" (then recompile_limit={limit} reached: eager from there on)" if n + 1 >= limit else ""
+        rows.append(f"| {label} | {n}{note} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--step-rounds", type=int, default=300, help="interleaved rounds on the base config")
+    parser.add_argument("--large-rounds", type=int, default=25, help="interleaved rounds on the 12x512 config")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = least noise when shared)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-compile", action="store_true", help="skip the recompile count")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    try:
+        import peft  # noqa: F401  (a bench extra, never a robolora dependency)
+
+        peft_ok = True
+    except ImportError:
+        peft_ok = False
+        print("peft is not installed (pip install peft): PEFT rows are skipped")
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in args.configs:
+            rows += bench_config(label, args, device, peft_ok, Path(tmp))
+            print(f"[{label}] done after {time.perf_counter() - start:.0f} s")
+        compile_rows = [] if args.no_compile else recompiles(args, device, peft_ok, Path(tmp))
+    print(f"\nbatch 1, r={args.rank} on attn.q/k/v/o, {args.threads} thread(s), {device}; "
+          f"{time.perf_counter() - start:.0f} s\n")
+    print("| config | variant | step p50 ms | step p99 ms | x plain (wall p50) | x plain (CPU p50) "
+          "| switch p50 us | switch p99 us | switch max us | switch CPU p99 us | MB per skill |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if compile_rows:
+        print("\n| cycling 16 skills x2 under torch.compile (base) | recompiles |\n|---|---|")
+        print("\n".join(compile_rows))
+
+
+if __name__ == "__main__":
+    main()
