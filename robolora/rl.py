@@ -33,7 +33,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -49,44 +49,53 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from torch import nn
 
-from robolora.adapters import adapter_from_policy, attach, load_adapter, save_adapter
+from robolora.adapters import adapter_from_policy, attach, attach_for_eval, load_adapter, save_adapter
 from robolora.envs import TASKS
-from robolora.evaluate import EVAL_SEED, make_env
+from robolora.evaluate import evaluate, make_env
 from robolora.inject import count_parameters, mark_only_lora_trainable, set_active_adapter
 from robolora.policies import VisuomotorPolicy, base_fingerprint, load_policy
 from robolora.recipes import shipped_base
+from robolora.stats import EVAL_SEED
+from robolora.train import resolve_device
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 
 
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class RLConfig:
-    """PPO fine-tuning of a skill adapter. Counts of steps are policy decisions (one chunk of h env steps)."""
+    """PPO fine-tuning of a skill adapter; each field's ``help`` metadata is its CLI help text.
 
-    n_envs: int = 4
-    subproc: bool = False  # SubprocVecEnv (one process per env) instead of DummyVecEnv
-    n_steps: int = 64  # decisions per env per rollout
-    batch_size: int = 64
-    n_epochs: int = 4
-    actor_lr: float = 5e-5  # LoRA A/B, log-std (and the skill token when trained)
-    critic_lr: float = 1e-3
-    critic_warmup_rollouts: int = 2
-    gamma: float = 0.99  # per decision
-    gae_lambda: float = 0.95
-    clip_range: float = 0.2
-    target_kl: float | None = 0.05
-    max_grad_norm: float = 0.5
-    normalize_advantage: bool = False
-    init_std: float = 0.1
-    value_hidden: int = 64
-    execution_horizon: int | None = None  # None: the policy's n_action_steps, what evaluation executes
-    success_reward: float = 1.0
-    shaped_weight: float = 0.0
-    train_skill_token: bool = False
-    seed: int = 0
-    device: str = "cpu"
+    "Decisions" are RL actions: one chunk of h (``execution_horizon``) env steps.
+    """
+
+    n_envs: int = _field(4, "parallel environments")
+    subproc: bool = _field(False, "one process per environment (SubprocVecEnv) instead of DummyVecEnv")
+    n_steps: int = _field(64, "decisions per environment per PPO rollout")
+    batch_size: int = _field(64, "PPO minibatch size (decisions)")
+    n_epochs: int = _field(4, "PPO epochs over each rollout")
+    actor_lr: float = _field(5e-5, "Adam learning rate of LoRA A/B, the log-std (and the skill token if trained)")
+    critic_lr: float = _field(1e-3, "Adam learning rate of the fresh value head")
+    critic_warmup_rollouts: int = _field(2, "first rollouts that train only the value head (actor frozen)")
+    gamma: float = _field(0.99, "discount per decision")
+    gae_lambda: float = _field(0.95, "GAE lambda")
+    clip_range: float = _field(0.2, "PPO ratio clip")
+    target_kl: float | None = _field(0.05, "stop a PPO update early past this KL (None: never)")
+    max_grad_norm: float = _field(0.5, "gradient clipping norm")
+    normalize_advantage: bool = _field(False, "normalise advantages per minibatch (off: 0/1 rewards are scaled)")
+    init_std: float = _field(0.1, "initial exploration std per action dimension (actions live in [-1, 1])")
+    value_hidden: int = _field(64, "width of the value head's two hidden layers")
+    execution_horizon: int | None = _field(None, "env steps per decision (None: the policy's n_action_steps)")
+    success_reward: float = _field(1.0, "reward on each step where info['success'] is true")
+    shaped_weight: float = _field(0.0, "weight of the env's shaped reward (0: sparse success only)")
+    train_skill_token: bool = _field(False, "also train the adapter's skill token")
+    seed: int = _field(0, "PPO seed; training env i is seeded seed + i at its first reset")
+    device: str = _field("auto", "auto (CUDA when present), cpu or cuda")
 
     def __post_init__(self) -> None:
         for name in ("n_envs", "n_steps", "batch_size", "n_epochs", "value_hidden"):
@@ -109,6 +118,7 @@ class RLConfig:
         if self.success_reward < 0 or self.shaped_weight < 0 or self.success_reward + self.shaped_weight == 0:
             raise ValueError(f"RLConfig: success_reward={self.success_reward}, shaped_weight={self.shaped_weight}; "
                              "both must be >= 0 and not both 0 (there would be no reward)")
+        resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,9 +268,10 @@ def build_ppo(policy: VisuomotorPolicy, env: VecEnv, config: RLConfig, horizon: 
     """PPO over ``env`` (an :class:`ExecuteChunk` VecEnv) with ``policy`` (skill active, LoRA trainable) as actor."""
     return PPO(SkillActorCritic, env, learning_rate=config.actor_lr, n_steps=config.n_steps,
                batch_size=config.batch_size, n_epochs=config.n_epochs, gamma=config.gamma,
-               gae_lambda=config.gae_lambda, clip_range=config.clip_range, normalize_advantage=config.normalize_advantage,
+               gae_lambda=config.gae_lambda, clip_range=config.clip_range,
+               normalize_advantage=config.normalize_advantage,
                ent_coef=0.0, vf_coef=0.5, max_grad_norm=config.max_grad_norm, target_kl=config.target_kl,
-               seed=config.seed, device=config.device, verbose=0,
+               seed=config.seed, device=resolve_device(config.device), verbose=0,
                policy_kwargs={"skill_policy": policy, "horizon": horizon, "init_std": config.init_std,
                               "value_hidden": config.value_hidden,
                               "critic_lr_scale": config.critic_lr / config.actor_lr})
@@ -309,6 +320,7 @@ class _Monitor(BaseCallback):
     def metrics(self) -> dict[str, float]:
         return {"rl/env_steps": float(self.env_steps), "rl/episodes": float(self.episodes),
                 "rl/train_success_rate": self.successes / max(self.episodes, 1), "rl/rollouts": float(self.rollouts),
+                "rl/actor_rollouts": float(max(0, self.rollouts - self.warmup_rollouts)),
                 **{f"rl/{k.split('/', 1)[1]}": v for k, v in self.train_metrics.items()}}
 
 
@@ -343,25 +355,32 @@ def finetune_rl(
     run are returned. Only LoRA A/B (and with ``config.train_skill_token`` the skill token) change; the base is
     checked bit-identical afterwards. ``eval_episodes > 0`` evaluates the adapter before and after (loaded from
     their folders) on the same held-out seeds ``eval_seed ...`` with ``robolora.evaluate``. ``progress(env_steps,
-    metrics)`` is called after every rollout. Returns ``out``, the RL metrics (``rl/...``), wall times and, when
-    evaluated, ``before`` / ``after`` evaluation metrics.
+    metrics)`` is called after every rollout. Returns ``out``, ``env_id``, ``execution_horizon``,
+    ``trainable_params``, the RL metrics (``rl/env_steps``, ``rl/episodes``, ``rl/train_success_rate``,
+    ``rl/wall_s``, PPO's last ``rl/approx_kl``, ``rl/value_loss``, ...) and, when evaluated, ``before`` and
+    ``after`` (``robolora.evaluate`` metrics plus ``eval/wall_s``).
     """
     if steps < 0:
         raise ValueError(f"steps={steps}: must be >= 0 env steps")
     base = Path(base) if base is not None else shipped_base()
-    policy, source = _load_skill(base, skill, config.device)
+    device = str(resolve_device(config.device))
+    policy, source = _load_skill(base, skill, device)
     env_id = env_id or TASKS.get(source.skill)
     if env_id is None:
         raise ValueError(f"adapter skill {source.skill!r} is not a task ({sorted(TASKS)}); pass env_id")
     horizon = config.execution_horizon or policy.config.n_action_steps
+    if horizon != policy.config.n_action_steps or policy.config.temporal_ensemble is not None:
+        logger.warning("RL executes %d actions per chunk but evaluation runs n_action_steps=%d%s: the fine-tuned "
+                       "behaviour is not the evaluated one", horizon, policy.config.n_action_steps,
+                       " with temporal ensembling" if policy.config.temporal_ensemble is not None else "")
     fingerprint = base_fingerprint(policy)
-    token = nn.Parameter(source.skill_token.clone().to(config.device), requires_grad=config.train_skill_token)
+    token = nn.Parameter(source.skill_token.clone().to(device), requires_grad=config.train_skill_token)
     policy.set_skill_token(token)
     mark_only_lora_trainable(policy, extra=[token] if config.train_skill_token else [])
     trainable = count_parameters(policy)["trainable"]
     result: dict[str, Any] = {"env_id": env_id, "execution_horizon": horizon, "trainable_params": trainable}
     if eval_episodes:
-        result["before"] = _evaluate_adapter(base, skill, env_id, eval_episodes, eval_seed, config)
+        result["before"] = _evaluate_adapter(base, skill, env_id, eval_episodes, eval_seed, device)
 
     env = make_rl_env(env_id, horizon, config)
     t0 = time.perf_counter()
@@ -373,34 +392,33 @@ def finetune_rl(
             model.learn(total_timesteps=decisions, callback=monitor)
     finally:
         env.close()
-    result["rl_wall_s"] = time.perf_counter() - t0
-    result.update(monitor.metrics())
+    result.update(monitor.metrics(), **{"rl/wall_s": time.perf_counter() - t0})
+    if steps and not result["rl/actor_rollouts"]:
+        logger.warning("all %d rollouts were critic warm-up (critic_warmup_rollouts=%d): the actor did not change; "
+                       "raise steps", result["rl/rollouts"], config.critic_warmup_rollouts)
     if base_fingerprint(policy) != fingerprint:
         raise RuntimeError("the base weights changed during RL fine-tuning (a bug: only LoRA may train)")
     logger.info("RL fine-tuned %s on %s: %d env steps, %d episodes in %.0f s", source.skill, env_id,
-                monitor.env_steps, monitor.episodes, result["rl_wall_s"])
+                monitor.env_steps, monitor.episodes, result["rl/wall_s"])
 
     record = {"config": config.to_dict(), "env_id": env_id, "steps_requested": steps, "source": str(skill),
-              "trainable_params": trainable, "wall_s": result["rl_wall_s"],
+              "trainable_params": trainable,
               **{k[len("rl/"):]: v for k, v in result.items() if k.startswith("rl/")}}
     metadata = {**{k: v for k, v in source.metadata.items() if k != "eval"}, "rl": record}
     adapter = adapter_from_policy(policy.cpu(), source.skill, metadata=metadata)
     out = save_adapter(adapter, Path(out_dir) / ADAPTER_DIR)
     result["out"] = str(out)
     if eval_episodes:
-        result["after"] = _evaluate_adapter(base, out, env_id, eval_episodes, eval_seed, config)
+        result["after"] = _evaluate_adapter(base, out, env_id, eval_episodes, eval_seed, device)
         adapter.metadata["eval"] = {k: v for k, v in result["after"].items() if k != "episodes"}
         save_adapter(adapter, out)
     return result
 
 
 def _evaluate_adapter(base: Path, skill: str | Path, env_id: str, episodes: int, seed: int,
-                      config: RLConfig) -> dict[str, Any]:
+                      device: str) -> dict[str, Any]:
     # one env: results do not depend on num_envs, and spawning workers costs more than 2 cores give back
-    from robolora.adapters import attach_for_eval
-    from robolora.evaluate import evaluate
-
-    policy = load_policy(base, device=config.device)
+    policy = load_policy(base, device=device)
     attach_for_eval(policy, skill)
     t0 = time.perf_counter()
     metrics = evaluate(policy, env_id, episodes, seed=seed)

@@ -29,7 +29,8 @@ import numpy as np
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-from robolora.evaluate import EVAL_SEED, make_env, wilson_interval
+from robolora.evaluate import make_env
+from robolora.stats import EVAL_SEED, wilson_interval
 
 logger = logging.getLogger(__name__)
 

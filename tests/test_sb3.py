@@ -70,7 +70,7 @@ def outcomes(metrics: dict) -> list[tuple[int, bool, int]]:
 def test_evaluate_policy_matches_robolora_eval_on_the_same_seeds(reacher):
     reference = evaluate(skill_policy(reacher), REACH, EPISODES, seed=SEED)
     assert 0 < reference["eval/success_rate"] < 1, f"need mixed outcomes to compare, got {outcomes(reference)}"
-    for vec_env_cls, n_envs in ((DummyVecEnv, 1), (DummyVecEnv, 4), (SubprocVecEnv, 3)):
+    for vec_env_cls, n_envs in ((DummyVecEnv, 4), (SubprocVecEnv, 3)):  # episodes end at different times
         m = evaluate_sb3(SB3SkillPolicy(skill_policy(reacher)), REACH, EPISODES, seed=SEED, n_envs=n_envs,
                          vec_env_cls=vec_env_cls)
         assert outcomes(m) == outcomes(reference), (vec_env_cls.__name__, n_envs)
@@ -162,7 +162,7 @@ def test_ppo_trains_only_lora_and_keeps_the_base_bit_identical(reacher):
     env = make_rl_env(REACH, 4, TINY_RL)
     try:
         model = build_ppo(policy, env, TINY_RL, 4)
-        model.learn(total_timesteps=96)  # 3 rollouts of 32 decisions (~400 env steps)
+        model.learn(total_timesteps=64)  # 2 rollouts of 32 decisions (~250 env steps): warm-up, then PPO
     finally:
         env.close()
     after = tensors()
@@ -175,9 +175,10 @@ def test_ppo_trains_only_lora_and_keeps_the_base_bit_identical(reacher):
 def test_finetune_rl_saves_an_adapter_that_loads_switches_and_exports(reacher, tmp_path):
     base, skill = reacher
     reports = []
-    result = finetune_rl(skill, 300, tmp_path / "rl", base=base, config=TINY_RL, eval_episodes=2, eval_seed=SEED,
+    result = finetune_rl(skill, 200, tmp_path / "rl", base=base, config=TINY_RL, eval_episodes=2, eval_seed=SEED,
                          progress=lambda n, m: reports.append((n, m)))
-    assert result["rl/env_steps"] >= 300 and result["rl/episodes"] >= 1 and result["execution_horizon"] == 4
+    assert result["rl/env_steps"] >= 200 and result["rl/episodes"] >= 1 and result["execution_horizon"] == 4
+    assert result["rl/actor_rollouts"] == result["rl/rollouts"] - 1 >= 1, "one critic warm-up rollout, then PPO"
     assert reports and reports[-1][0] == result["rl/env_steps"]
     assert set(result["before"]["episodes"][0]) == {"seed", "success", "length"}
     assert [e["seed"] for e in result["after"]["episodes"]] == [SEED, SEED + 1]
