@@ -104,7 +104,7 @@ _PLAIN = _Switch(None)
 @dataclass(eq=False)
 class _Skill:
     switch: _Switch  # prebuilt; its bindings are dropped in inplace mode unless cache_merged
-    check: LiveCheck | None = None
+    check: LiveCheck
 
 
 def _unmerged_forward(layer: _Layer, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -201,13 +201,12 @@ class SkillManager:
             new_layers: list[str] = []
             try:
                 new_layers = self._adopt_layers()
-                skill = self._build_skill(name, adapter)
-                skill.check = self._probe(name, skill)
+                switch = self._build_switch(name, adapter)
+                skill = _Skill(switch if self._cached else _Switch(switch.spec, {}, switch.token),
+                               self._probe(name, switch))
             except BaseException:
                 self._forget(name, new_layers)
                 raise
-            if not self._cached:
-                skill.switch = _Switch(skill.switch.spec, {}, skill.switch.token)
             with self._request_lock:
                 self._skills[name] = skill
         if not skill.check.live:
@@ -243,9 +242,7 @@ class SkillManager:
     def live_check(self, name: str) -> LiveCheck:
         """The live probe of skill ``name`` taken when it was attached."""
         self._check_names([name])
-        check = self._skills[name].check
-        assert check is not None
-        return check
+        return self._skills[name].check
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held per skill: its LoRA A/B, its token, and the mode's copies (merged weights, scaled B's)."""
@@ -426,17 +423,17 @@ class SkillManager:
         self._layout += bool(new)
         return list(new)
 
-    def _build_skill(self, name: str, adapter: SkillAdapter) -> _Skill:
+    def _build_switch(self, name: str, adapter: SkillAdapter) -> _Switch:
         token = None
         if adapter.skill_token is not None:
             like = self._layers[next(iter(adapter.lora))].original if adapter.lora else next(self.policy.parameters())
             token = nn.Parameter(adapter.skill_token.detach().to(device=like.device, dtype=like.dtype).clone(), False)
             if not torch.isfinite(token).all():
                 raise ValueError(f"skill {name!r}: the skill token holds NaN/Inf; this adapter is unusable")
-        return _Skill(_Switch({name: 1.0}, self._bindings({name: 1.0}), token))
+        return _Switch({name: 1.0}, self._bindings({name: 1.0}), token)
 
     @torch.no_grad()
-    def _probe(self, name: str, skill: _Skill) -> LiveCheck:
+    def _probe(self, name: str, switch: _Switch) -> LiveCheck:
         """Plain-base vs skill actions on a fixed batch; restores the applied state (and keeps the action queue)."""
         delta = math.sqrt(sum(float(layer.lora.delta_weight(name).float().square().sum())
                               for layer in self._layers.values() if name in layer.lora.configs))
@@ -448,7 +445,7 @@ class SkillManager:
         try:
             self._apply(_PLAIN, reset_queue=False)
             plain = self.policy.predict_chunk(batch)
-            self._apply(skill.switch, reset_queue=False)
+            self._apply(switch, reset_queue=False)
             out = self.policy.predict_chunk(batch)
             if not torch.isfinite(out).all():
                 raise ValueError(f"skill {name!r} gives NaN/Inf actions on the probe batch (A, B or the token "
