@@ -2,10 +2,10 @@
 
 One run, side by side, on the shipped base config and a larger one (12 layers, d=512), batch 1, LoRA r=8 on
 attn.q/k/v/o, every adapter with a skill token (PEFT has none: its switches move the LoRA weights only):
-- step latency p50/p99 of ``predict_chunk`` under no_grad: plain base, bank, inplace, unmerged, PEFT unmerged,
-  PEFT merged. Variants are timed in interleaved rounds (rotating order) so machine noise hits them alike; the ratio
-  to the plain base is given from wall-clock p50 and from per-thread CPU-time p50 (immune to preemption by other
-  processes, the fairer ratio on a shared machine);
+- step latency p50/p99 of ``predict_chunk`` under no_grad: plain base, bank, inplace (also with
+  ``cache_merged``), unmerged, PEFT unmerged, PEFT merged. Variants are timed in interleaved rounds (rotating
+  order) so machine noise hits them alike; the ratio to the plain base is given from wall-clock p50 and from
+  per-thread CPU-time p50 (immune to preemption by other processes; on a shared machine report both);
 - switch latency p50/p99/max (wall) and CPU-time p99, cycling 4 skills, each switch timed right after an untimed
   step of the model it switches, as in a control loop (caches as a step leaves them): ours is ``activate`` +
   ``apply_pending`` (all the work of a switch, wherever it runs); PEFT ``set_adapter``, ``unmerge_adapter`` +
@@ -97,13 +97,13 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch
 
 def managers(policy: VisuomotorPolicy, adapters: list[SkillAdapter]) -> dict[str, SkillManager]:
     out = {}
-    for mode in MODES:
-        mgr = SkillManager(copy.deepcopy(policy), mode)
+    for label, mode, cache in [(m, m, False) for m in MODES] + [("inplace (cache_merged)", "inplace", True)]:
+        mgr = SkillManager(copy.deepcopy(policy), mode, cache_merged=cache)
         for adapter in adapters:
             mgr.attach(adapter.skill, adapter)
         mgr.activate(adapters[0].skill)
         mgr.apply_pending()
-        out[mode] = mgr
+        out[label] = mgr
     return out
 
 

@@ -4,6 +4,7 @@ and a 20 Hz loop switching every tick meets its deadlines."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import threading
@@ -440,14 +441,17 @@ def test_20hz_loop_switching_every_tick_misses_no_deadline():
 @pytest.mark.parametrize("mode", MODES)
 def test_20hz_loop_on_the_base_config_misses_no_deadline_in_10k_ticks(mode):
     torch.manual_seed(0)
-    mgr = SkillManager(VisuomotorPolicy(PolicyConfig.preset("base")).eval(), mode)
+    base = VisuomotorPolicy(PolicyConfig.preset("base")).eval()
+    adapters = []
     for seed in range(4):
-        policy = VisuomotorPolicy(PolicyConfig.preset("base")).eval()
-        policy.load_state_dict(mgr.policy.state_dict())
+        policy = copy.deepcopy(base)
         inject_lora(policy, LoRAConfig(rank=8, alpha=16.0), "skill", generator=torch.Generator().manual_seed(seed))
         for layer in lora_layers(policy).values():
             layer.lora_B["skill"].data.normal_(0, 0.05)
-        mgr.attach(f"s{seed}", adapter_from_policy(policy, "skill"))
+        adapters.append(adapter_from_policy(policy, "skill"))
+    mgr = SkillManager(base, mode)
+    for seed, adapter in enumerate(adapters):
+        mgr.attach(f"s{seed}", adapter)
     global BATCH
     BATCH, saved = probe_batch(mgr.policy.config, batch_size=1), BATCH
     try:
