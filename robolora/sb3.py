@@ -1,5 +1,6 @@
-"""stable-baselines3 bridge for evaluation: a robolora skill policy as an SB3 ``PolicyPredictor`` and seeded SB3
-VecEnvs whose episodes are exactly robolora's evaluation episodes (DESIGN.md §5, last bullet).
+"""stable-baselines3 bridge (DESIGN.md §5, last bullet): a robolora skill policy inside SB3, for evaluation
+(``SB3SkillPolicy``, seeded VecEnvs, :func:`evaluate_sb3`) and for PPO training (``ExecuteChunk``,
+``SkillActorCritic``; the recipe and its design choices are in ``robolora.rl``).
 
 ``SB3SkillPolicy`` wraps anything robolora can roll out (a ``VisuomotorPolicy`` with a skill attached, a
 ``SkillManager``): ``predict(obs, state, episode_start, deterministic)`` takes a batched observation dict from any
@@ -14,22 +15,32 @@ with the next seed of its own fixed list. The lists follow ``evaluate_policy``'s
 envs (env i runs ``(n + i) // n_envs`` of them), so the episodes it counts are exactly seeds ``seed .. seed + n - 1``,
 the same scenes :func:`robolora.evaluate.evaluate` runs. :func:`evaluate_sb3` runs ``evaluate_policy`` on such an
 env and returns robolora's metrics, success counted from ``info["success"]`` in its callback.
-"""
 
+Training. One PPO action is the first h actions of a chunk, executed open-loop by :class:`ExecuteChunk`;
+:class:`SkillActorCritic` is an SB3 ``ActorCriticPolicy`` whose Gaussian mean is the robolora policy's own action
+head (so the deterministic SB3 action equals ``predict_chunk`` bit for bit) and whose value head is fresh.
+"""
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
+from gymnasium import spaces
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from torch import nn
 
 from robolora.evaluate import make_env
+from robolora.policies import VisuomotorPolicy
 from robolora.stats import EVAL_SEED, wilson_interval
 
 logger = logging.getLogger(__name__)
@@ -37,6 +48,7 @@ logger = logging.getLogger(__name__)
 IMAGE_PREFIX = "rgb_"
 
 
+# ------------------------------------------------------------------------------------------------ evaluation
 class SB3SkillPolicy:
     """A robolora policy (base + active skill) behind SB3's ``predict`` interface.
 
@@ -218,3 +230,132 @@ def evaluate_sb3(
         "eval/episodes": episodes,
         "episodes": results,
     }
+
+
+# ------------------------------------------------------------------------------------------------ training
+class ExecuteChunk(gym.Wrapper):
+    """One action = ``horizon`` env actions, flattened (horizon * A,), executed open-loop until the episode ends.
+
+    Reward: the sum over executed steps of ``success_reward * info["success"] + shaped_weight * env reward``.
+    ``info["success"]`` is whether any executed step succeeded; ``info["env_steps"]`` how many steps ran.
+    """
+
+    def __init__(self, env: gym.Env, horizon: int, success_reward: float = 1.0, shaped_weight: float = 0.0) -> None:
+        super().__init__(env)
+        box = env.action_space
+        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
+            raise ValueError(f"ExecuteChunk needs a flat Box action space, got {box}")
+        self.horizon = horizon
+        self.success_reward, self.shaped_weight = success_reward, shaped_weight
+        self.action_space = spaces.Box(np.tile(box.low, horizon), np.tile(box.high, horizon), dtype=box.dtype)
+
+    def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        actions = np.asarray(action, dtype=np.float32).reshape(self.horizon, -1)  # (h, A)
+        total, success = 0.0, False
+        for k, a in enumerate(actions):
+            obs, reward, terminated, truncated, info = self.env.step(a)
+            step_success = bool(info.get("success", False))
+            success |= step_success
+            total += self.success_reward * step_success + self.shaped_weight * float(reward)
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, {**info, "success": success, "env_steps": k + 1}
+
+
+class SkillFeatures(BaseFeaturesExtractor):
+    """The robolora policy as SB3's features extractor: observation dict -> final action-query tokens (B, K, D)."""
+
+    def __init__(self, observation_space: spaces.Dict, policy: VisuomotorPolicy) -> None:
+        cfg = policy.config
+        super().__init__(observation_space, features_dim=cfg.chunk_size * cfg.d_model)
+        self.policy = policy
+        # SB3 algorithms transpose image spaces to channels first (VecTransposeImage); the policy reads (H, W, 3).
+        # Made contiguous so the stem sees the same memory layout as from env images (bit-equal convolutions).
+        self.channels_first = {key: observation_space[key].shape[0] == 3 for key in cfg.image_keys}
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {key: obs[key].permute(0, 2, 3, 1).contiguous() if first else obs[key]
+                 for key, first in self.channels_first.items()}
+        batch["proprio"] = obs["proprio"]
+        return self.policy._action_tokens(batch)  # (B, K, D); skill token set, so no task_id
+
+
+class SkillActorCritic(ActorCriticPolicy):
+    """SB3 actor-critic whose actor is a robolora policy: Gaussian mean = its first ``horizon`` chunk actions."""
+
+    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Box, lr_schedule: Callable[[float], float],
+                 *, skill_policy: VisuomotorPolicy, horizon: int, init_std: float = 0.1, value_hidden: int = 64,
+                 critic_lr_scale: float = 1.0, **kwargs: Any) -> None:
+        expected = (horizon * skill_policy.config.action_dim,)
+        if action_space.shape != expected:
+            raise ValueError(f"action space {action_space.shape} must be (horizon * action_dim,) = {expected}; "
+                             "wrap the env in ExecuteChunk(env, horizon)")
+        if skill_policy.skill_token is None:
+            raise ValueError("the policy has no skill token: attach and activate a skill adapter first")
+        self.horizon, self.value_hidden, self.critic_lr_scale = horizon, value_hidden, critic_lr_scale
+        super().__init__(observation_space, action_space, lr_schedule, log_std_init=math.log(init_std),
+                         ortho_init=False, features_extractor_class=SkillFeatures,
+                         features_extractor_kwargs={"policy": skill_policy}, normalize_images=False,
+                         optimizer_class=ScaledAdam, optimizer_kwargs={"eps": 1e-5}, **kwargs)
+
+    @property
+    def skill_policy(self) -> VisuomotorPolicy:
+        return self.features_extractor.policy
+
+    def _build(self, lr_schedule: Callable[[float], float]) -> None:
+        d = self.skill_policy.config.d_model
+        self.value_net = nn.Sequential(nn.Linear(d, self.value_hidden), nn.Tanh(),
+                                       nn.Linear(self.value_hidden, self.value_hidden), nn.Tanh(),
+                                       nn.Linear(self.value_hidden, 1))
+        self.log_std = nn.Parameter(torch.full(self.action_space.shape, self.log_std_init))
+        actor = [p for p in self.skill_policy.parameters() if p.requires_grad] + [self.log_std]
+        self.optimizer = self.optimizer_class(
+            [{"params": actor, "lr_scale": 1.0},
+             {"params": list(self.value_net.parameters()), "lr_scale": self.critic_lr_scale}],
+            lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """What the policy gradient trains: the first optimizer group (LoRA A/B, log-std, optional skill token)."""
+        return list(self.optimizer.param_groups[0]["params"])
+
+    def _heads(self, obs: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        tokens = self.extract_features(obs)  # (B, K, D)
+        # the head on all K tokens, then sliced: same matmul shapes as predict_chunk, so bit-equal actions
+        mean = self.skill_policy.action_head(tokens)[:, :self.horizon].flatten(1)  # (B, h * A)
+        values = self.value_net(tokens.detach().mean(1))  # (B, 1)
+        return self.action_dist.proba_distribution(mean, self.log_std), values
+
+    def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> tuple[torch.Tensor, ...]:
+        distribution, values = self._heads(obs)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values, distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        distribution, values = self._heads(obs)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs: dict[str, torch.Tensor]) -> Any:
+        return self._heads(obs)[0]
+
+    def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._heads(obs)[1]
+
+    def set_training_mode(self, mode: bool) -> None:
+        super().set_training_mode(mode)
+        self.skill_policy.eval()  # no dropout in RL: rollouts and PPO's ratio must see the same network
+
+
+class ScaledAdam(torch.optim.Adam):
+    """Adam with a per-group ``lr_scale``. SB3 overwrites every group's ``lr`` with its schedule before each update,
+    so a separate critic learning rate has to be a multiplier applied at step time."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        base = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+        try:
+            return super().step(closure)
+        finally:
+            for group, lr in zip(self.param_groups, base):
+                group["lr"] = lr

@@ -24,6 +24,8 @@ from typing import Any
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import torch  # noqa: E402
+
 from robolora.rl import RLConfig, finetune_rl  # noqa: E402
 from robolora.stats import EVAL_SEED  # noqa: E402
 
@@ -42,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--episodes", type=int, default=50, help="held-out evaluation episodes before and after")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED, help=f"first evaluation seed (default {EVAL_SEED})")
     p.add_argument("--env", default=None, help="gym id to train and evaluate on (default: the skill's task)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default torch's); 1 made batch-1 rollouts 10x faster on a busy "
+                        "2-core machine")
     for field in dataclasses.fields(RLConfig):
         flag, help = "--" + field.name.replace("_", "-"), f"{field.metadata['help']} (default {field.default})"
         if isinstance(field.default, bool):
@@ -75,6 +80,8 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     skill = args.skill / "adapter" if (args.skill / "adapter" / "adapter.json").exists() else args.skill
     result = finetune_rl(skill, args.steps, args.out, base=args.base, config=config, env_id=args.env,
