@@ -245,6 +245,8 @@ class ExecuteChunk(gym.Wrapper):
         box = env.action_space
         if not isinstance(box, spaces.Box) or len(box.shape) != 1:
             raise ValueError(f"ExecuteChunk needs a flat Box action space, got {box}")
+        if horizon < 1:
+            raise ValueError(f"ExecuteChunk horizon={horizon}: must be >= 1 env step per action")
         self.horizon = horizon
         self.success_reward, self.shaped_weight = success_reward, shaped_weight
         self.action_space = spaces.Box(np.tile(box.low, horizon), np.tile(box.high, horizon), dtype=box.dtype)
