@@ -263,6 +263,23 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune_rl(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from robolora.rl import RLConfig, finetune_rl
+
+    config = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+    bar = Progress(args.steps, "finetune-rl", not args.json)
+    try:
+        info = finetune_rl(resolve_run(args.skill, "adapter", "adapter.json"), args.steps, args.out,
+                           base=resolve_run(args.base, "policy", "config.json"), config=config,
+                           eval_episodes=args.eval_episodes, progress=bar.update_to)
+    finally:
+        bar.close()
+    emit(args, info)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from robolora.export import export_bundle
 
@@ -297,6 +314,26 @@ def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log library progress (INFO)")
     if device:
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, module: str, name: str, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field of a config dataclass, with the field's help text (CleanRL style)."""
+    import dataclasses
+    import importlib
+
+    cls = getattr(importlib.import_module(module), name)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        help_text = f"{f.metadata.get('help', '')} (default {f.default})".replace("%", "%%")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.default is None:
+            p.add_argument(flag, type=float if "kl" in f.name else int, default=None, help=help_text)
+        else:
+            p.add_argument(flag, type=kind, default=f.default, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,6 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="write the first episode as .gif/.mp4")
     _common(p)
     p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("finetune-rl", help="PPO fine-tuning of a skill adapter's LoRA weights (base frozen)",
+                       epilog="example: robolora finetune-rl --skill runs/wipe --steps 100000 --out runs/wipe_rl "
+                              "--eval-episodes 50")
+    p.add_argument("--skill", type=Path, required=True, help="skill adapter folder (or train-skill run folder)")
+    p.add_argument("--steps", type=int, required=True, help="environment steps (rounded up to whole rollouts)")
+    p.add_argument("--out", type=Path, required=True, help="run folder; the adapter goes to OUT/adapter")
+    p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
+    p.add_argument("--eval-episodes", type=int, default=0, help="evaluate before and after on N held-out seeds")
+    _add_dataclass_flags(p, "robolora.rl", "RLConfig", skip=("device",))
+    _common(p)
+    p.set_defaults(func=cmd_finetune_rl)
 
     p = sub.add_parser("export", help="merge a skill into the base, strip LoRA, write a verified controller bundle",
                        epilog="example: robolora export --skill policies/pretrained/skills/dish_rack --out bundles/dish")
