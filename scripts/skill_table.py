@@ -32,18 +32,20 @@ from robolora.policies import load_policy  # noqa: E402
 from robolora.recipes import shipped_base, train_skill  # noqa: E402
 from robolora.train import TrainConfig  # noqa: E402
 
-METHODS = {  # name -> (recipe method, LoRA rank, learning rate)
-    "lora_r2": ("lora", 2, 1e-3),
-    "lora_r4": ("lora", 4, 1e-3),
-    "full": ("full", None, 3e-4),
-    "scratch": ("scratch", None, 5e-4),
-    "frozen": (None, None, None),
+ATTN = ("attn.q", "attn.k", "attn.v", "attn.o")
+METHODS = {  # name -> (recipe method, LoRA rank, learning rate, LoRA targets)
+    "lora_r2": ("lora", 2, 1e-3, ATTN),
+    "lora_r4": ("lora", 4, 1e-3, ATTN),
+    "lora_r2_mlp": ("lora", 2, 2e-3, ATTN + ("mlp.fc1", "mlp.fc2")),
+    "full": ("full", None, 3e-4, None),
+    "scratch": ("scratch", None, 5e-4, None),
+    "frozen": (None, None, None, None),
 }
 BUDGETS = (10, 25, 50)
 
 
 def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps: int, episodes: int) -> dict:
-    recipe, rank, lr = METHODS[method]
+    recipe, rank, lr, targets = METHODS[method]
     data = work / "data" / skill
     if recipe is None:  # the frozen base as it ships: no training, task id 0 (it has no id for the skill)
         t0 = time.perf_counter()
@@ -53,7 +55,7 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps:
                 "eval_wall_s": time.perf_counter() - t0}
     config = TrainConfig(steps=steps, batch_size=64, lr=lr, weight_decay=0.0, warmup_steps=min(100, steps // 10),
                          checkpoint_every=250)
-    lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4))
+    lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4), targets=targets or ATTN)
     return train_skill(base, data, work / "runs" / f"{skill}-{demos}-{method}", method=recipe, lora=lora,
                        config=config, demos=demos, resume=True, eval_episodes=episodes)
 
@@ -92,7 +94,7 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
                    if r["skill"] == skill and r["method"] == method and r["cell"]]
             if not pts:
                 continue
-            x = [d + (i - 2) * 0.8 for d, _ in pts]
+            x = [d + (i - len(METHODS) / 2) * 0.8 for d, _ in pts]
             y = [e["eval/success_rate"] for _, e in pts]
             err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)], [e["eval/ci_high"] - v for v, (_, e) in
                                                                           zip(y, pts)]]
