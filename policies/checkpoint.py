@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from robolora.atomic import replace_dir
+
 from .config import PolicyConfig
 from .transformer import VisuomotorPolicy
 
@@ -89,13 +91,7 @@ def save_policy(policy: VisuomotorPolicy, path: str | os.PathLike[str], metadata
     try:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "robolora": FORMAT})
         (tmp / CONFIG_FILE).write_text(text + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

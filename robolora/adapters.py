@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from robolora.atomic import atomic_dir
 from robolora.config import LoRAConfig
 from robolora.inject import inject_lora, lora_layers, remove_adapter
 from robolora.policies import base_fingerprint
@@ -66,32 +64,17 @@ class SkillAdapter:
         return sum(t.numel() for t in self.tensors().values())
 
 
-def _atomic_dir(path: Path) -> tuple[Path, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-
-
-def _commit_dir(tmp: Path, path: Path) -> Path:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-    return path
-
-
 def save_adapter(adapter: SkillAdapter, path: str | Path) -> Path:
     """Write ``adapter.safetensors`` + ``adapter.json`` atomically (a folder appears complete or not at all)."""
-    path, tmp = _atomic_dir(Path(path))
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.tensors().items()}
-    save_file(tensors, str(tmp / WEIGHTS))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "skill": adapter.skill,
             "lora": adapter.config.to_dict(), "layers": sorted(adapter.lora), "skill_token": SKILL_TOKEN in tensors,
             "base_fingerprint": adapter.base_fingerprint, "parameters": adapter.num_parameters, **adapter.metadata}
-    (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
-    return _commit_dir(tmp, path)
+    text = json.dumps(meta, indent=1, default=str)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / META).write_text(text)
+    return Path(path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -238,12 +221,10 @@ def attach_for_eval(policy: nn.Module, path: str | Path) -> str:
 # ------------------------------------------------------------------------------------------------------ PEFT
 def to_peft(adapter: SkillAdapter, path: str | Path) -> Path:
     """Write the adapter in PEFT's layout (loadable with ``PeftModel.from_pretrained`` on the policy module)."""
-    path, tmp = _atomic_dir(Path(path))
     tensors = {}
     for layer, (a, b) in adapter.lora.items():
         tensors[f"{PEFT_PREFIX}{layer}.lora_A.weight"] = a.detach().float().contiguous()
         tensors[f"{PEFT_PREFIX}{layer}.lora_B.weight"] = b.detach().float().contiguous()
-    save_file(tensors, str(tmp / PEFT_WEIGHTS))
     c = adapter.config
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": c.rank,
@@ -253,12 +234,15 @@ def to_peft(adapter: SkillAdapter, path: str | Path) -> Path:
         "revision": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {},
     }
-    (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=1))
-    if adapter.skill_token is not None:
-        save_file({SKILL_TOKEN: adapter.skill_token.detach().float().contiguous()}, str(tmp / "robolora_skill.safetensors"))
-    (tmp / "robolora_skill.json").write_text(json.dumps({"skill": adapter.skill, "base_fingerprint":
-                                                        adapter.base_fingerprint, "init_std": c.init_std}, indent=1))
-    return _commit_dir(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS))
+        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=1))
+        if adapter.skill_token is not None:
+            token = adapter.skill_token.detach().float().contiguous()
+            save_file({SKILL_TOKEN: token}, str(tmp / "robolora_skill.safetensors"))
+        (tmp / "robolora_skill.json").write_text(json.dumps({"skill": adapter.skill, "base_fingerprint":
+                                                            adapter.base_fingerprint, "init_std": c.init_std}, indent=1))
+    return Path(path)
 
 
 def from_peft(path: str | Path, skill: str | None = None) -> SkillAdapter:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -43,6 +42,7 @@ from torch import nn
 
 import robolora
 from robolora.adapters import SkillAdapter, attach, load_adapter
+from robolora.atomic import replace_dir
 from robolora.controller import (BUNDLE_FILES, FORMAT, FORMAT_VERSION, ONNX_FILE, OUTPUT_NAME, PT2_FILE, SPEC_FILE,
                                  TASK_INPUT, WEIGHTS_FILE, load_bundle, sha256_file)
 from robolora.inject import lora_layers, set_active_adapter, strip_lora
@@ -145,7 +145,7 @@ def export_bundle(
         _write_json(tmp / SPEC_FILE, meta)
         meta["parity"] = _parity(module, unmerged, tmp, tolerance)
         _write_json(tmp / SPEC_FILE, meta)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -287,11 +287,3 @@ def _write_json(path: Path, meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
