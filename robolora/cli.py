@@ -316,6 +316,18 @@ def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default auto)")
 
 
+def _training_flags(p: argparse.ArgumentParser, steps: int, lr: float | None, lr_help: str,
+                    checkpoint_every: int) -> None:
+    """The flags every behaviour-cloning subcommand shares, with one spelling."""
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr_help})")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help=f"steps between checkpoints (default {checkpoint_every})")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+
 def _add_dataclass_flags(p: argparse.ArgumentParser, module: str, name: str, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per field of a config dataclass, with the field's help text (CleanRL style)."""
     import dataclasses
@@ -376,13 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, nargs="+", required=True, help="dataset folders of base tasks")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.jsonl, policy")
     p.add_argument("--preset", default="base", help="policy size: tiny, base or large (default base)")
-    p.add_argument("--steps", type=int, default=20_000, help="optimizer steps (default 20000)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    _training_flags(p, steps=20_000, lr=5e-4, lr_help="5e-4", checkpoint_every=500)
     p.add_argument("--augment-shift", type=int, default=0, help="DrQ random-shift pixels (default 0: off)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     _common(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -398,13 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--mlp", action="store_true", help="also adapt the MLP (fc1, fc2), not only attention q/k/v/o")
     p.add_argument("--demos", type=int, default=None, help="use only the first N demos (default all)")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 3e-4 otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    _training_flags(p, steps=3000, lr=None, lr_help="1e-3 LoRA, 3e-4 otherwise", checkpoint_every=250)
     p.add_argument("--eval-episodes", type=int, default=0, help="evaluate on N held-out episodes at the end")
-    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     _common(p)
     p.set_defaults(func=cmd_train_skill)
 
