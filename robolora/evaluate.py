@@ -17,13 +17,12 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 from robolora.stats import EVAL_SEED, wilson_interval
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EVAL_SEED", "evaluate", "evaluate_tasks", "make_env", "wilson_interval", "write_video"]
+__all__ = ["EVAL_SEED", "evaluate", "make_env", "wilson_interval", "write_video"]
 
 
 def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Path:
@@ -150,9 +149,3 @@ def evaluate(
     if video_path is not None:
         metrics["video"] = str(write_video(frames, video_path))
     return metrics
-
-
-@torch.no_grad()
-def evaluate_tasks(policy: Any, tasks: dict[str, int | None], episodes: int, **kwargs: Any) -> dict[str, Any]:
-    """Evaluate several tasks; ``tasks`` maps a gym id to the task id to feed (None for a skill adapter)."""
-    return {env_id: evaluate(policy, env_id, episodes, task_id=tid, **kwargs) for env_id, tid in tasks.items()}
