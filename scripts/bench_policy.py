@@ -19,16 +19,14 @@ import time
 import numpy as np
 import torch
 
+from robolora.demo import probe_batch
 from robolora.policies import PolicyConfig, VisuomotorPolicy
 
 
 def synthetic_batch(config: PolicyConfig, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    s = config.image_size
-    batch = {key: torch.randint(0, 256, (batch_size, s, s, 3), dtype=torch.uint8, generator=g)
-             for key in config.image_keys}
-    batch["proprio"] = torch.randn(batch_size, config.proprio_dim, generator=g)
-    batch["task_id"] = torch.randint(0, config.num_tasks, (batch_size,), generator=g)
+    """robolora.demo.probe_batch (the library's fixed observation batch) plus random action-chunk targets."""
+    batch = probe_batch(config, batch_size)
+    g = torch.Generator().manual_seed(1)
     batch["action"] = torch.rand(batch_size, config.chunk_size, config.action_dim, generator=g) * 2 - 1
     batch["action_is_pad"] = torch.zeros(batch_size, config.chunk_size, dtype=torch.bool)
     return {k: v.to(device) for k, v in batch.items()}
