@@ -104,7 +104,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     bar = Progress(args.steps, "pretrain", not args.json)
     try:
         metrics = pretrain(args.data, args.out, preset=args.preset, config=config, resume=args.resume,
-                           on_step=bar.update_to)
+                           on_step=bar.update_to, init_from=args.init)
     finally:
         bar.close()
     emit(args, {"out": str(args.out), **metrics})
@@ -126,7 +126,7 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr else (1e-3 if args.method == "lora" else 3e-4)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0,
                          warmup_steps=min(100, args.steps // 10), seed=args.seed, device=args.device,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, augment_shift=args.augment_shift)
     bar = Progress(args.steps, f"train-skill {args.method}", not args.json)
     try:
         info = train_skill(resolve_run(args.base, "policy", "config.json"), args.data, args.out, method=args.method,
@@ -326,6 +326,8 @@ def _training_flags(p: argparse.ArgumentParser, steps: int, lr: float | None, lr
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
                    help=f"steps between checkpoints (default {checkpoint_every})")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--augment-shift", type=int, default=0,
+                   help="DrQ random image shift in pixels, 0-16 (default 0: off)")
 
 
 def _add_dataclass_flags(p: argparse.ArgumentParser, module: str, name: str, skip: tuple[str, ...] = ()) -> None:
@@ -389,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.jsonl, policy")
     p.add_argument("--preset", default="base", help="policy size: tiny, base or large (default base)")
     _training_flags(p, steps=20_000, lr=5e-4, lr_help="5e-4", checkpoint_every=500)
-    p.add_argument("--augment-shift", type=int, default=0, help="DrQ random-shift pixels (default 0: off)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue pretraining from this saved policy (same preset) instead of a fresh one")
     _common(p)
     p.set_defaults(func=cmd_pretrain)
 

@@ -65,10 +65,13 @@ def pretrain(
     resume: bool = False,
     eval_episodes: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    init_from: str | Path | None = None,
 ) -> dict[str, float]:
     """Multi-task BC of a fresh policy on base-task datasets; the policy is saved to ``out_dir/policy``.
 
     Each folder's task (from its manifest) must be a base task; its index in ``BASE_TASKS`` is the task id.
+    ``init_from`` starts from the weights of a saved policy of the same architecture (continued pretraining, e.g.
+    on more demos); the normalisation statistics are re-computed from ``data_dirs``.
     ``eval_episodes > 0`` runs that many rollouts per task every ``config.eval_every`` steps.
     """
     tasks = [task_of(d) for d in data_dirs]
@@ -87,6 +90,13 @@ def pretrain(
                            "re-run `robolora collect` on the folders to repair their manifests")
     torch.manual_seed(config.seed)
     policy = VisuomotorPolicy(policy_config)
+    if init_from is not None:
+        start = load_policy(init_from)
+        if start.config != policy_config:
+            raise ValueError(f"init_from={str(init_from)!r} is a {start.config} policy but these data and "
+                             f"preset={preset!r} build {policy_config}; continue from a policy of the same config")
+        policy.load_state_dict(start.state_dict(), strict=True)
+        logger.info("continuing from the weights of %s", init_from)
     policy.set_normalization(dataset.stats)
     eval_fn = None
     if eval_episodes:
@@ -103,6 +113,7 @@ def pretrain(
                     eval_fn=eval_fn, on_step=on_step)
     save_policy(policy.cpu(), Path(out_dir) / POLICY_DIR, metadata={
         "kind": "base", "tasks": task_ids, "data": [str(d) for d in data_dirs],
+        "init_from": str(init_from) if init_from is not None else None,
         "train_config": config.to_dict(), "train_metrics": metrics,
         "samples": len(dataset)})
     return metrics

@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for data, run and results")
     parser.add_argument("--episodes", type=int, default=200, help="demos per base task (default 200)")
+    parser.add_argument("--task-episodes", nargs="*", default=[], metavar="TASK=N",
+                        help="per-task demo counts overriding --episodes, e.g. reach=1000 push=800")
     parser.add_argument("--steps", type=int, default=16_000, help="training steps (default 16000)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue pretraining from this saved policy (same config) instead of a fresh one")
+    parser.add_argument("--warmup-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
@@ -50,11 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    counts = {task: args.episodes for task in BASE_TASKS}
+    for item in args.task_episodes:
+        task, _, n = item.partition("=")
+        if task not in counts or not n.isdigit():
+            parser.error(f"--task-episodes {item!r}: expected TASK=N with TASK one of {list(BASE_TASKS)}")
+        counts[task] = int(n)
     data_dirs = []
     for task in BASE_TASKS:
         out = args.work / "data" / task
         t0 = time.perf_counter()
-        manifest = collect(TASKS[task], args.episodes, out, seed=0, workers=args.workers)
+        manifest = collect(TASKS[task], counts[task], out, seed=0, workers=args.workers)
         print(f"collected {task}: {len(manifest['episodes'])} episodes, expert success "
               f"{manifest['success_rate']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         data_dirs.append(out)
@@ -62,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     run = args.work / "run"
     if not args.skip_train:
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             device=args.device, augment_shift=args.augment_shift, checkpoint_every=250)
-        metrics = pretrain(data_dirs, run, preset="base", config=config, resume=args.resume)
+                             device=args.device, augment_shift=args.augment_shift, checkpoint_every=250,
+                             warmup_steps=args.warmup_steps)
+        metrics = pretrain(data_dirs, run, preset="base", config=config, resume=args.resume, init_from=args.init)
         print(f"pretrained: loss {metrics['train/loss']:.4f}, {metrics['train/wall_s']:.0f} s", flush=True)
 
     policy = load_policy(run / POLICY_DIR)

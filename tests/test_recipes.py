@@ -45,6 +45,19 @@ def test_pretrain_refuses_skill_data(demos, tmp_path):
         pretrain([demos / "dish_rack"], tmp_path, preset="tiny", config=FAST)
 
 
+def test_pretrain_continues_from_a_saved_policy(base, demos, tmp_path):
+    start = load_policy(base)
+    still = TrainConfig(steps=1, batch_size=8, warmup_steps=0, lr=1e-12, weight_decay=0.0, device="cpu")
+    pretrain([demos / "reach", demos / "button_press"], tmp_path, preset="tiny", config=still, init_from=base)
+    continued = load_policy(tmp_path / "policy")
+    for name, tensor in start.state_dict().items():
+        if "norm_" in name or name.endswith(("_mean", "_std")):
+            continue  # statistics are recomputed from the (same) data
+        assert torch.allclose(continued.state_dict()[name], tensor, atol=1e-6), name
+    with pytest.raises(ValueError, match="same config"):
+        pretrain([demos / "reach"], tmp_path / "other", preset="base", config=still, init_from=base)
+
+
 def test_lora_skill_trains_only_the_adapter_and_keeps_the_base(base, demos, tmp_path):
     fingerprint = base_fingerprint(load_policy(base))
     info = train_skill(base, demos / "dish_rack", tmp_path, method="lora", config=FAST)
