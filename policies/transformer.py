@@ -253,6 +253,23 @@ class VisuomotorPolicy(nn.Module):
         (e.g. the environments of a vector env that just reset)."""
         self._executor.reset(indices)
 
+    def set_execution(self, n_action_steps: int | None = None, temporal_ensemble: float | None | str = "keep") -> None:
+        """Change how predicted chunks are executed (weights untouched): ``n_action_steps`` actions per query, or ACT
+        temporal ensembling with coefficient ``temporal_ensemble`` (needs ``n_action_steps=1``; None turns it off).
+
+        Validated like the config; the action queue is cleared (call between episodes).
+        """
+        import dataclasses
+
+        changes: dict[str, Any] = {}
+        if n_action_steps is not None:
+            changes["n_action_steps"] = int(n_action_steps)
+        if temporal_ensemble != "keep":
+            changes["temporal_ensemble"] = temporal_ensemble
+        config = dataclasses.replace(self.config, **changes)  # __post_init__ validates
+        self.config = config
+        self._executor = ChunkExecutor(config)
+
     @torch.no_grad()
     def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
         """Next action for an env observation, (A,) float32 for one env or (B, A) for a batch.

@@ -154,6 +154,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from robolora.adapters import attach_for_eval
 
         attach_for_eval(policy, resolve_run(args.skill, "adapter", "adapter.json"))
+    if args.n_action_steps is not None or args.temporal_ensemble is not None:
+        steps = args.n_action_steps if args.n_action_steps is not None else (1 if args.temporal_ensemble else None)
+        policy.set_execution(steps, args.temporal_ensemble if args.temporal_ensemble is not None else "keep")
     rows = []
     for task in args.task:
         env_id = TASKS.get(task, task)
@@ -421,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=50, help="episodes per task (default 50)")
     p.add_argument("--seed", type=int, default=None, help="first evaluation seed (default: held-out range)")
     p.add_argument("--num-envs", type=int, default=1, help="parallel environments (default 1)")
+    p.add_argument("--n-action-steps", type=int, default=None,
+                   help="actions executed per predicted chunk before re-querying (default: the checkpoint's)")
+    p.add_argument("--temporal-ensemble", type=float, default=None,
+                   help="ACT temporal ensembling coefficient m (re-query every step; needs --n-action-steps 1)")
     p.add_argument("--video", default=None, help="write the first episode as .gif/.mp4 (folder for many tasks)")
     _common(p)
     p.set_defaults(func=cmd_eval)

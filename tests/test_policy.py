@@ -221,6 +221,25 @@ def test_select_action_unbatched_requeries_every_n_action_steps(policy: Visuomot
     assert len(calls.sizes) == 4
 
 
+def test_set_execution_changes_requery_period_not_weights(policy: VisuomotorPolicy) -> None:
+    fingerprint = base_fingerprint(policy)
+    calls = CountingPredict(policy)
+    obs = make_obs(policy.config)
+    policy.set_execution(n_action_steps=2)
+    for _ in range(6):
+        policy.select_action(obs)
+    assert len(calls.sizes) == 3  # steps 0, 2, 4
+    policy.set_execution(n_action_steps=1, temporal_ensemble=0.1)
+    for _ in range(3):
+        policy.select_action(obs)
+    assert len(calls.sizes) == 6 and policy.config.temporal_ensemble == 0.1
+    with pytest.raises(ValueError, match="n_action_steps=1"):
+        policy.set_execution(n_action_steps=4)  # ensembling still on: refused, config kept
+    assert policy.config.n_action_steps == 1
+    policy.set_execution(n_action_steps=4, temporal_ensemble=None)
+    assert policy.config.temporal_ensemble is None and base_fingerprint(policy) == fingerprint
+
+
 def test_select_action_batched_and_per_element_reset(policy: VisuomotorPolicy) -> None:
     calls = CountingPredict(policy)
     obs = make_obs(policy.config, batch_size=3)
