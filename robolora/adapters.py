@@ -13,8 +13,10 @@ travels beside them as ``robolora_skill.safetensors`` + ``robolora_skill.json``;
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,12 +207,46 @@ def detach(policy: nn.Module, name: str) -> None:
     remove_adapter(policy, name)
 
 
+EXECUTION_FIELDS = ("n_action_steps", "temporal_ensemble")
+
+
+def validate_execution(execution: Mapping[str, Any] | None, config: Any) -> dict[str, Any] | None:
+    """Check a skill's chunk-execution settings (``adapter.json`` "execution") against a policy config.
+
+    Returns them as a plain dict (None when absent); raises ValueError naming the bad field or value.
+    """
+    if not execution:
+        return None
+    if not isinstance(execution, Mapping):
+        raise ValueError(f"execution must be a mapping like {{'n_action_steps': 8}}, got {execution!r}")
+    unknown = sorted(set(execution) - set(EXECUTION_FIELDS))
+    if unknown:
+        raise ValueError(f"execution has unknown field(s) {unknown}; allowed: {list(EXECUTION_FIELDS)}")
+    out = dict(execution)
+    if out.get("temporal_ensemble") is not None and "n_action_steps" not in out:
+        out["n_action_steps"] = 1
+    dataclasses.replace(config, **out)  # the config's own validation: range of n_action_steps, ensembling needs 1
+    return out
+
+
+def execution_of(adapter: SkillAdapter, config: Any) -> dict[str, Any] | None:
+    """The adapter's validated execution settings for a policy with ``config`` (None: the policy's own)."""
+    try:
+        return validate_execution(adapter.metadata.get("execution"), config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"adapter {adapter.skill!r}: invalid \"execution\" in adapter.json ({e})") from e
+
+
 def attach_for_eval(policy: nn.Module, path: str | Path) -> str:
-    """Load an adapter folder, attach it and make it the active skill (for ``robolora eval --skill``)."""
+    """Load an adapter folder, attach it and make it the active skill (for ``robolora eval --skill``), with the
+    adapter's chunk execution (``adapter.json`` "execution") when it has one."""
     from robolora.inject import set_active_adapter
 
     adapter = load_adapter(path)
+    execution = execution_of(adapter, policy.config)
     name = attach(policy, adapter)
+    if execution:
+        policy.set_execution(**execution)
     set_active_adapter(policy, name)
     if adapter.skill_token is not None:
         device = next(policy.parameters()).device

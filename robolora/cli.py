@@ -131,7 +131,8 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
     try:
         info = train_skill(resolve_run(args.base, "policy", "config.json"), args.data, args.out, method=args.method,
                            lora=lora, config=config, demos=args.demos, resume=args.resume,
-                           eval_episodes=args.eval_episodes, on_step=bar.update_to)
+                           eval_episodes=args.eval_episodes, on_step=bar.update_to,
+                           execution={"n_action_steps": args.n_action_steps} if args.n_action_steps else None)
     finally:
         bar.close()
     summary = {"skill": info["skill"], "method": info["method"], "out": info["out"], "demos": info["demos"],
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp", action="store_true", help="also adapt the MLP (fc1, fc2), not only attention q/k/v/o")
     p.add_argument("--demos", type=int, default=None, help="use only the first N demos (default all)")
     _training_flags(p, steps=3000, lr=None, lr_help="1e-3 LoRA, 3e-4 otherwise", checkpoint_every=250)
+    p.add_argument("--n-action-steps", type=int, default=None,
+                   help="actions this skill executes per predicted chunk, saved in adapter.json and used whenever "
+                        "the skill is active (default: the base's)")
     p.add_argument("--eval-episodes", type=int, default=0, help="evaluate on N held-out episodes at the end")
     _common(p)
     p.set_defaults(func=cmd_train_skill)

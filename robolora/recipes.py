@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from robolora.adapters import adapter_from_policy, save_adapter
+from robolora.adapters import adapter_from_policy, save_adapter, validate_execution
 from robolora.config import LoRAConfig
 from robolora.data import BCDataset, load_manifest
 from robolora.envs import BASE_TASKS, TASKS
@@ -138,6 +138,7 @@ def train_skill(
     resume: bool = False,
     eval_episodes: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    execution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Behaviour-clone a new skill from ``data_dir`` on top of the base checkpoint ``base``.
 
@@ -145,6 +146,8 @@ def train_skill(
     adapter to ``out_dir/adapter``; ``full`` fine-tunes every base weight plus the token and ``scratch`` trains a
     fresh policy of the base's architecture, both saving a policy to ``out_dir/policy``. ``demos`` limits the data
     to the first N episodes. ``eval_episodes > 0`` evaluates the result on held-out seeds of the skill's task.
+    ``execution`` (e.g. ``{"n_action_steps": 8}``) is how the skill's chunks are executed: used by that evaluation,
+    saved in the adapter (``adapter.json`` "execution", applied whenever the skill is active) or the policy config.
     Returns training metrics, parameter counts, output path and size, and evaluation metrics.
     """
     if method not in SKILL_METHODS:
@@ -153,6 +156,7 @@ def train_skill(
     if skill in BASE_TASKS:
         logger.warning("%s is a base task; training it as a new skill anyway", skill)
     policy = load_policy(base)
+    execution = validate_execution(execution, policy.config)
     fingerprint = base_fingerprint(policy)
     total_base = sum(p.numel() for p in policy.parameters())
     dataset = BCDataset([data_dir], chunk_size=policy.config.chunk_size, task_ids={skill: 0}, max_episodes=demos)
@@ -176,6 +180,9 @@ def train_skill(
             "trainable_params": counts["trainable"], "trainable_percent_of_base": 100 * counts["trainable"] / total_base,
             "base": str(base), "base_fingerprint": fingerprint, "data": str(data_dir),
             "train_config": config.to_dict(), "train_metrics": metrics}
+    if execution:
+        info["execution"] = execution
+        policy.set_execution(**execution)
     if eval_episodes:
         from robolora.evaluate import evaluate
 

@@ -45,13 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robolora.adapters import SkillAdapter, load_adapter
+from robolora.adapters import SkillAdapter, execution_of, load_adapter
 from robolora.adapters import attach as attach_adapter
 from robolora.adapters import detach as detach_adapter
 from robolora.demo import probe_batch
 from robolora.inject import lora_layers
 from robolora.lora import LoRALinear
 from robolora.policies import VisuomotorPolicy
+from robolora.policies.transformer import ChunkExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class _Switch:
     # tuple rebinds in ~60% of the time of a loop over the layers when the caches are cold (after a policy step)
     pairs: tuple[tuple[dict[str, Any], nn.Parameter], ...] = ()
     layout: int = -1
+    executor: ChunkExecutor | None = None  # the skill's own chunk execution (adapter.json "execution"); None: base's
 
 
 _PLAIN = _Switch(None)
@@ -157,6 +159,7 @@ class SkillManager:
         self._applied: _Switch = _PLAIN
         self._plain: _Switch = _PLAIN
         self._layout = 0  # version of the set of driven layers
+        self._base_executor: ChunkExecutor = policy._executor  # the plain base's chunk execution
         self._step_lock = threading.RLock()  # held for a whole step, and by attach/detach/close
         self._request_lock = threading.Lock()  # guards the pending request and the skill table
         self._adopt_layers()
@@ -197,12 +200,16 @@ class SkillManager:
         with self._step_lock:
             if name in self._skills:
                 raise ValueError(f"skill {name!r} is already attached; detach({name!r}) first or pick another name")
+            base_config = self._base_executor.config
+            execution = execution_of(adapter, base_config)  # validated before anything changes
+            executor = ChunkExecutor(dataclasses.replace(base_config, **execution)) if execution else None
             attach_adapter(self.policy, adapter, name)
             new_layers: list[str] = []
             try:
                 new_layers = self._adopt_layers()
-                switch = self._build_switch(name, adapter)
-                skill = _Skill(switch if self._cached else _Switch(switch.spec, {}, switch.token),
+                switch = dataclasses.replace(self._build_switch(name, adapter), executor=executor)
+                skill = _Skill(switch if self._cached else _Switch(switch.spec, {}, switch.token,
+                                                                    executor=switch.executor),
                                self._probe(name, switch))
             except BaseException:
                 self._forget(name, new_layers)
@@ -336,7 +343,8 @@ class SkillManager:
             self._check_names(list(spec))
         if len(skills) == 1 and next(iter(spec.values())) == 1.0:
             if not self._cached:
-                return _Switch(skills[0].switch.spec, self._bindings(spec), skills[0].switch.token)
+                return _Switch(skills[0].switch.spec, self._bindings(spec), skills[0].switch.token,
+                               executor=skills[0].switch.executor)
             skills[0].switch = self._current(skills[0].switch)
             return skills[0].switch
         tokens = [skill.switch.token for skill in skills]
@@ -345,7 +353,9 @@ class SkillManager:
             raise ValueError(f"cannot blend {list(spec)}: {with_token} carry a skill token and the others do not")
         token = None if tokens[0] is None else sum(w * t for w, t in zip(spec.values(), tokens))
         token = None if token is None else nn.Parameter(token, requires_grad=False)
-        return self._current(_Switch(dict(spec), self._bindings(spec), token))
+        configs = {None if sk.switch.executor is None else sk.switch.executor.config for sk in skills}
+        executor = skills[0].switch.executor if len(configs) == 1 else None  # mixed executions: the base's
+        return self._current(_Switch(dict(spec), self._bindings(spec), token, executor=executor))
 
     def _current(self, switch: _Switch) -> _Switch:
         """The switch stamped with the current layer set (in bank mode with its flat rebinding list for it)."""
@@ -400,9 +410,14 @@ class SkillManager:
             token = self._token
         self.policy._parameters["skill_token"] = token  # what set_skill_token ends in; checked on attach
         if reset_queue:
+            executor = switch.executor or self._base_executor
+            if self.policy._executor is not executor:  # the skill's chunk execution (plain attributes, no checks)
+                self.policy.__dict__["_executor"] = executor
+                self.policy.__dict__["config"] = executor.config
             self.policy.reset()
         # inplace without a cache keeps only which layers it wrote, not a second copy of the merged weights
-        self._applied = switch if self._cached else _Switch(switch.spec, dict.fromkeys(switch.bindings), switch.token)
+        self._applied = switch if self._cached else _Switch(switch.spec, dict.fromkeys(switch.bindings), switch.token,
+                                                            executor=switch.executor)
 
     def _adopt_layers(self) -> list[str]:
         """Take over every LoRALinear not yet driven: install the mode's forward; returns their names."""

@@ -44,12 +44,16 @@ METHODS = {  # name -> (recipe method, LoRA rank, learning rate, LoRA targets)
 BUDGETS = (10, 25, 50)
 
 
-def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps: int, episodes: int) -> dict:
+def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps: int, episodes: int,
+             n_action_steps: int | None = None) -> dict:
     recipe, rank, lr, targets = METHODS[method]
     data = work / "data" / skill
     if recipe is None:  # the frozen base as it ships: no training, task id 0 (it has no id for the skill)
         t0 = time.perf_counter()
-        m = evaluate(load_policy(base), TASKS[skill], episodes, task_id=0)
+        policy = load_policy(base)
+        if n_action_steps:
+            policy.set_execution(n_action_steps)
+        m = evaluate(policy, TASKS[skill], episodes, task_id=0)
         return {"eval": {k: v for k, v in m.items() if k != "episodes"}, "trainable_params": 0,
                 "trainable_percent_of_base": 0.0, "size_bytes": 0, "train_metrics": {"train/wall_s": 0.0},
                 "eval_wall_s": time.perf_counter() - t0}
@@ -57,7 +61,8 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps:
                          checkpoint_every=250)
     lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4), targets=targets or ATTN)
     return train_skill(base, data, work / "runs" / f"{skill}-{demos}-{method}", method=recipe, lora=lora,
-                       config=config, demos=demos, resume=True, eval_episodes=episodes)
+                       config=config, demos=demos, resume=True, eval_episodes=episodes,
+                       execution={"n_action_steps": n_action_steps} if n_action_steps else None)
 
 
 def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
@@ -81,8 +86,9 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
                      f"[{e['eval/ci_low']:.2f}, {e['eval/ci_high']:.2f}] | {c['trainable_params']:,} "
                      f"({c['trainable_percent_of_base']:.2f}%) | {size} | {c['train_metrics']['train/wall_s']:.0f} s |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    caveat = ("Each trained cell: 3000 steps of batch 64 on the first N demos (seeds from 0), evaluated on 50 held-out "
-              "seeds (from 10,000,000); frozen = the shipped base with task id 0. Training time is wall-clock on the "
+    caveat = ("Each trained cell: --steps steps of batch 64 on the first N demos (seeds from 0), evaluated on 50 "
+              "held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted chunk (the base's "
+              "4 when not given); frozen = the base with task id 0. Training time is wall-clock on the "
               "shared 2-core machine with up to four jobs running at once, so it measures the run, not the method.")
     out_md.write_text("# Skill table\n\n" + "\n".join(lines) + f"\n\n{caveat}\n\nCommand: `{command}`\n")
     import matplotlib
@@ -122,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demos", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=3000, help="training steps per cell (default 3000)")
+    parser.add_argument("--n-action-steps", type=int, default=None,
+                        help="chunk execution of every cell's policy (default: the base's)")
     parser.add_argument("--episodes", type=int, default=50, help="held-out evaluation episodes (default 50)")
     parser.add_argument("--md", type=Path, default=Path("docs/skill_table.md"))
     parser.add_argument("--png", type=Path, default=Path("docs/skill_table.png"))
@@ -129,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     base = args.base or shipped_base()
-    command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}"
+    command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}" + (
+        f" --n-action-steps {args.n_action_steps}" if args.n_action_steps else "")
     if not args.report_only:
         for skill in args.skills:
             collect(TASKS[skill], max(args.demos), args.work / "data" / skill, seed=0, workers=2)
@@ -138,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     path = args.work / "cells" / f"{skill}-{demos}-{method}.json"
                     if path.exists():
                         continue
-                    result = run_cell(args.work, base, skill, demos, method, args.steps, args.episodes)
+                    result = run_cell(args.work, base, skill, demos, method, args.steps, args.episodes,
+                                      args.n_action_steps)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(result, indent=1, default=str))
                     print(f"{skill} {demos} demos {method}: success {result['eval']['eval/success_rate']:.2f}",

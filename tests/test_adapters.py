@@ -72,6 +72,32 @@ def test_attached_adapter_reproduces_the_trained_outputs(tmp_path):
     assert torch.equal(outputs(reference), skill_out)
 
 
+def test_adapter_execution_is_saved_and_applied_on_attach_for_eval(tmp_path):
+    adapter = trained_adapter()
+    adapter.metadata["execution"] = {"n_action_steps": 8}
+    save_adapter(adapter, tmp_path / "wipe")
+    assert load_adapter(tmp_path / "wipe").metadata["execution"] == {"n_action_steps": 8}
+    policy = tiny()
+    assert policy.config.n_action_steps == 4
+    attach_for_eval(policy, tmp_path / "wipe")
+    assert policy.config.n_action_steps == 8
+
+
+@pytest.mark.parametrize("execution, match", [({"n_action_steps": 0}, "n_action_steps"),
+                                              ({"horizon": 8}, "unknown field"),
+                                              ({"n_action_steps": 4, "temporal_ensemble": 0.1}, "n_action_steps=1")])
+def test_bad_execution_is_refused_before_anything_changes(tmp_path, execution, match):
+    adapter = trained_adapter()
+    adapter.metadata["execution"] = execution
+    save_adapter(adapter, tmp_path / "wipe")
+    policy = tiny()
+    before = outputs(policy)
+    with pytest.raises(ValueError, match=match):
+        attach_for_eval(policy, tmp_path / "wipe")
+    assert torch.equal(outputs(policy), before) and not lora_layers(policy)
+    assert policy.config.n_action_steps == 4
+
+
 def test_detach_restores_the_base_exactly():
     policy = tiny()
     before, fingerprint = outputs(policy), base_fingerprint(policy)

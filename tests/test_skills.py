@@ -273,13 +273,19 @@ def _overflowing() -> SkillAdapter:  # finite A and B whose product overflows: t
     return adapter
 
 
+def _bad_execution() -> SkillAdapter:
+    adapter = make_adapter(1)
+    adapter.metadata["execution"] = {"n_action_steps": 99}  # longer than the chunk
+    return adapter
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("bad", ["fingerprint", "shapes", "nan_token", "overflow"])
+@pytest.mark.parametrize("bad", ["fingerprint", "shapes", "nan_token", "overflow", "execution"])
 def test_failed_attach_leaves_outputs_and_state_unchanged(mode, bad):
     mgr = manager(mode, seeds=(1,))
     step(mgr, "s1")
     adapter = {"fingerprint": lambda: adapter_from_policy_of_other_base(), "shapes": _wrong_shapes,
-               "nan_token": _nan_token, "overflow": _overflowing}[bad]()
+               "nan_token": _nan_token, "overflow": _overflowing, "execution": _bad_execution}[bad]()
     before, keys, memory = mgr.predict_chunk(BATCH), list(mgr.policy.state_dict()), mgr.memory_bytes()
     with pytest.raises(ValueError):
         mgr.attach("bad", adapter)
@@ -342,6 +348,34 @@ def test_a_switch_drops_the_old_skills_queued_actions():
     mgr.reset()
     mgr.activate("s1")
     assert np.allclose(mgr.select_action(obs), chunks["s1"][0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_skill_runs_with_its_own_chunk_execution(mode):
+    mgr = SkillManager(tiny(), mode)
+    long = make_adapter(1)
+    long.metadata["execution"] = {"n_action_steps": 8}
+    mgr.attach("long", long)
+    mgr.attach("plain_exec", make_adapter(2))
+    base_steps = mgr.policy.config.n_action_steps
+    assert base_steps != 8
+    obs = {k: v[0].numpy() for k, v in BATCH.items() if k != "task_id"}
+    calls = []
+    inner = mgr.policy.predict_chunk
+    mgr.policy.predict_chunk = lambda batch: calls.append(1) or inner(batch)
+    for name, expected in (("long", 8), ("plain_exec", base_steps), (None, base_steps), ("long", 8)):
+        mgr.activate(name)
+        calls.clear()
+        for _ in range(8):
+            mgr.select_action(obs)
+        assert mgr.policy.config.n_action_steps == expected, name
+        assert len(calls) == 8 // expected, name
+    mgr.blend({"long": 0.5, "plain_exec": 0.5})  # mixed executions: the base's
+    mgr.select_action(obs)
+    assert mgr.policy.config.n_action_steps == base_steps
+    mgr.activate("long")
+    mgr.close()
+    assert mgr.policy.config.n_action_steps == base_steps, "close() hands back the base's execution"
 
 
 @pytest.mark.parametrize("mode", MODES)
