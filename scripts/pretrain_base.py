@@ -95,12 +95,21 @@ def main(argv: list[str] | None = None) -> int:
                      f"{m['eval/ci_high']:.2f}] | {m['eval/mean_length']:.1f} | {m['eval/latency_ms_p50']:.2f} / "
                      f"{m['eval/latency_ms_p99']:.2f} |")
     train_metrics = meta.get("train_metrics", {})
+    demos = ", ".join(f"{t} {n}" for t, n in counts.items())
+    start = f"continued from {args.init}" if args.init else "trained from scratch"
+    words, skip = [], False
+    for word in argv if argv is not None else sys.argv[1:]:
+        if skip or word in ("--resume", "--skip-train", "--ship"):
+            skip = word == "--ship"
+            continue
+        words.append(word)
+    command = " ".join(["python scripts/pretrain_base.py", *words])
     table = "\n".join(lines) + (
-        f"\n\n{args.eval_episodes} held-out episodes per task (seeds from 10,000,000), training seed {args.seed}, "
-        f"{args.episodes} demos per base task, {args.steps} steps of batch {args.batch_size}; "
-        f"training wall time {train_metrics.get('train/wall_s', float('nan')):.0f} s.\n"
-        f"Command: python scripts/pretrain_base.py --work {args.work} --episodes {args.episodes} "
-        f"--steps {args.steps} --seed {args.seed}\n")
+        f"\n\n{args.eval_episodes} held-out episodes per task (seeds from 10,000,000), training seed {args.seed}; "
+        f"demos per task: {demos}; {args.steps} steps of batch {args.batch_size}, lr {args.lr}, random shift "
+        f"{args.augment_shift} px, {start}; training wall time "
+        f"{train_metrics.get('train/wall_s', float('nan')):.0f} s (this run).\n"
+        f"Command: {command}\n")
     (args.work / "results.md").write_text(table)
     print(table)
     if args.ship:
