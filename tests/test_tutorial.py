@@ -30,10 +30,11 @@ def test_readme_tutorial_from_collect_to_control(tmp_path):
     collected = run(tmp_path, "collect", "--task", "dish_rack", "--episodes", "2", "--out", "data/dish_rack")
     assert collected["episodes"] == 2 and (tmp_path / "data/dish_rack/manifest.json").exists()
 
-    trained = run(tmp_path, "train-skill", "--data", "data/dish_rack", "--out", "runs/dish_rack", "--rank", "4",
-                  "--steps", "4", "--batch-size", "8")
+    trained = run(tmp_path, "train-skill", "--data", "data/dish_rack", "--out", "runs/dish_rack", "--rank", "2",
+                  "--mlp", "--lr", "2e-3", "--n-action-steps", "8", "--steps", "4", "--batch-size", "8")
     assert trained["trainable_percent_of_base"] < 2.0
-    assert (tmp_path / "runs/dish_rack/adapter/adapter.json").exists()
+    meta = json.loads((tmp_path / "runs/dish_rack/adapter/adapter.json").read_text())
+    assert meta["execution"] == {"n_action_steps": 8} and "mlp.fc1" in meta["lora"]["targets"]
 
     evaluated = run(tmp_path, "eval", "--skill", "runs/dish_rack", "--task", "dish_rack", "--episodes", "1",
                     "--video", "dish_rack.gif")
