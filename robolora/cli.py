@@ -122,6 +122,8 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
     from robolora.train import TrainConfig
 
     targets = ("attn.q", "attn.k", "attn.v", "attn.o") + (("mlp.fc1", "mlp.fc2") if args.mlp else ())
+    if args.targets:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank, targets=targets)
     lr = args.lr if args.lr else (1e-3 if args.method == "lora" else 3e-4)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0,
@@ -411,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA rank (default 4: 1.6%% of the base's parameters on q/k/v/o)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--mlp", action="store_true", help="also adapt the MLP (fc1, fc2), not only attention q/k/v/o")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated Linear name patterns to adapt, overriding the default and --mlp "
+                        "(e.g. attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head)")
     p.add_argument("--demos", type=int, default=None, help="use only the first N demos (default all)")
     _training_flags(p, steps=3000, lr=None, lr_help="1e-3 LoRA, 3e-4 otherwise", checkpoint_every=250)
     p.add_argument("--n-action-steps", type=int, default=None,

@@ -30,3 +30,24 @@ def test_demo_reports_exact_lora_mechanics(capsys):
 def test_info_on_a_folder_that_is_nothing_is_a_clear_error(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     assert "not a robolora checkpoint" in capsys.readouterr().err
+
+
+def test_train_skill_targets_and_execution_reach_the_adapter(tmp_path, capsys):
+    from robolora.data import collect
+    from robolora.policies import load_policy
+    from robolora.recipes import shipped_base
+    from robolora.skills import SkillManager
+
+    collect("robolora/Wipe-v0", 1, tmp_path / "wipe", seed=0)
+    assert main(["train-skill", "--data", str(tmp_path / "wipe"), "--out", str(tmp_path / "run"), "--rank", "2",
+                 "--targets", "attn.q, attn.v,action_head", "--n-action-steps", "8", "--steps", "2",
+                 "--batch-size", "4", "--json"]) == 0
+    capsys.readouterr()
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    assert meta["lora"]["targets"] == ["attn.q", "attn.v", "action_head"]
+    assert "action_head" in meta["layers"] and meta["execution"] == {"n_action_steps": 8}
+    manager = SkillManager(load_policy(shipped_base()))
+    manager.load(tmp_path / "run" / "adapter")
+    manager.activate("wipe")
+    manager.apply_pending()
+    assert manager.policy.config.n_action_steps == 8
