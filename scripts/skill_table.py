@@ -37,6 +37,7 @@ METHODS = {  # name -> (recipe method, LoRA rank, learning rate, LoRA targets)
     "lora_r2": ("lora", 2, 1e-3, ATTN),
     "lora_r4": ("lora", 4, 1e-3, ATTN),
     "lora_r2_mlp": ("lora", 2, 2e-3, ATTN + ("mlp.fc1", "mlp.fc2")),
+    "lora_r2_all": ("lora", 2, 2e-3, ATTN + ("mlp.fc1", "mlp.fc2", "action_head", "proprio_proj")),
     "full": ("full", None, 3e-4, None),
     "scratch": ("scratch", None, 5e-4, None),
     "frozen": (None, None, None, None),
