@@ -31,10 +31,12 @@ def test_readme_tutorial_from_collect_to_control(tmp_path):
     assert collected["episodes"] == 2 and (tmp_path / "data/dish_rack/manifest.json").exists()
 
     trained = run(tmp_path, "train-skill", "--data", "data/dish_rack", "--out", "runs/dish_rack", "--rank", "2",
-                  "--mlp", "--lr", "2e-3", "--n-action-steps", "8", "--steps", "4", "--batch-size", "8")
+                  "--lr", "2e-3", "--n-action-steps", "8", "--targets",
+                  "attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head,proprio_proj", "--steps", "4",
+                  "--batch-size", "8")
     assert trained["trainable_percent_of_base"] < 2.0
     meta = json.loads((tmp_path / "runs/dish_rack/adapter/adapter.json").read_text())
-    assert meta["execution"] == {"n_action_steps": 8} and "mlp.fc1" in meta["lora"]["targets"]
+    assert meta["execution"] == {"n_action_steps": 8} and "action_head" in meta["layers"]
 
     evaluated = run(tmp_path, "eval", "--skill", "runs/dish_rack", "--task", "dish_rack", "--episodes", "1",
                     "--video", "dish_rack.gif")
