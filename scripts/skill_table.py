@@ -112,6 +112,7 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
         ax.set_title(skill)
         ax.set_xlabel("demos")
         ax.set_xticks(BUDGETS)
+        ax.set_xlim(min(BUDGETS) - 5, max(BUDGETS) + 5)  # the per-method offsets stay inside the axes
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
