@@ -14,6 +14,7 @@ replaces the task embedding for every sample (DESIGN.md §3, TRAINING.md "A new 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PolicyConfig
+
+_KEEP = object()  # set_execution: leave this setting as it is
 
 logger = logging.getLogger(__name__)
 
@@ -253,18 +256,17 @@ class VisuomotorPolicy(nn.Module):
         (e.g. the environments of a vector env that just reset)."""
         self._executor.reset(indices)
 
-    def set_execution(self, n_action_steps: int | None = None, temporal_ensemble: float | None | str = "keep") -> None:
+    def set_execution(self, n_action_steps: int | None = None, temporal_ensemble: float | None | object = _KEEP) -> None:
         """Change how predicted chunks are executed (weights untouched): ``n_action_steps`` actions per query, or ACT
         temporal ensembling with coefficient ``temporal_ensemble`` (needs ``n_action_steps=1``; None turns it off).
+        An argument left out keeps its current value.
 
         Validated like the config; the action queue is cleared (call between episodes).
         """
-        import dataclasses
-
         changes: dict[str, Any] = {}
         if n_action_steps is not None:
             changes["n_action_steps"] = int(n_action_steps)
-        if temporal_ensemble != "keep":
+        if temporal_ensemble is not _KEEP:
             changes["temporal_ensemble"] = temporal_ensemble
         config = dataclasses.replace(self.config, **changes)  # __post_init__ validates
         self.config = config

@@ -237,12 +237,11 @@ def execution_of(adapter: SkillAdapter, config: Any) -> dict[str, Any] | None:
         raise ValueError(f"adapter {adapter.skill!r}: invalid \"execution\" in adapter.json ({e})") from e
 
 
-def attach_for_eval(policy: nn.Module, path: str | Path) -> str:
-    """Load an adapter folder, attach it and make it the active skill (for ``robolora eval --skill``), with the
-    adapter's chunk execution (``adapter.json`` "execution") when it has one."""
+def attach_active(policy: nn.Module, adapter: SkillAdapter) -> str:
+    """Attach ``adapter`` and make it the active skill: its LoRA weights, its skill token and its chunk execution
+    (``adapter.json`` "execution", validated before anything changes). Returns the adapter's name."""
     from robolora.inject import set_active_adapter
 
-    adapter = load_adapter(path)
     execution = execution_of(adapter, policy.config)
     name = attach(policy, adapter)
     if execution:
@@ -250,8 +249,14 @@ def attach_for_eval(policy: nn.Module, path: str | Path) -> str:
     set_active_adapter(policy, name)
     if adapter.skill_token is not None:
         device = next(policy.parameters()).device
-        policy.set_skill_token(nn.Parameter(adapter.skill_token.to(device), requires_grad=False))
+        token = adapter.skill_token.detach().to(device=device, dtype=torch.float32).clone()
+        policy.set_skill_token(nn.Parameter(token, requires_grad=False))
     return name
+
+
+def attach_for_eval(policy: nn.Module, path: str | Path) -> str:
+    """Load an adapter folder and make it the active skill (for ``robolora eval --skill``): see attach_active."""
+    return attach_active(policy, load_adapter(path))
 
 
 # ------------------------------------------------------------------------------------------------------ PEFT

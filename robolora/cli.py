@@ -157,9 +157,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from robolora.adapters import attach_for_eval
 
         attach_for_eval(policy, resolve_run(args.skill, "adapter", "adapter.json"))
-    if args.n_action_steps is not None or args.temporal_ensemble is not None:
-        steps = args.n_action_steps if args.n_action_steps is not None else (1 if args.temporal_ensemble else None)
-        policy.set_execution(steps, args.temporal_ensemble if args.temporal_ensemble is not None else "keep")
+    from robolora.adapters import validate_execution
+
+    flags = {"n_action_steps": args.n_action_steps, "temporal_ensemble": args.temporal_ensemble}
+    execution = validate_execution({k: v for k, v in flags.items() if v is not None}, policy.config)
+    if execution:  # overrides the checkpoint's and the skill's execution
+        policy.set_execution(**execution)
     rows = []
     for task in args.task:
         env_id = TASKS.get(task, task)

@@ -41,11 +41,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import robolora
-from robolora.adapters import SkillAdapter, attach, execution_of, load_adapter
+from robolora.adapters import SkillAdapter, attach_active, load_adapter
 from robolora.atomic import replace_dir
 from robolora.controller import (BUNDLE_FILES, FORMAT, FORMAT_VERSION, ONNX_FILE, OUTPUT_NAME, PT2_FILE, SPEC_FILE,
                                  TASK_INPUT, WEIGHTS_FILE, load_bundle, sha256_file)
-from robolora.inject import lora_layers, set_active_adapter, strip_lora
+from robolora.inject import lora_layers, strip_lora
 from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy
 
 logger = logging.getLogger(__name__)
@@ -121,13 +121,7 @@ def export_bundle(
         if task_id is not None and adapter.skill_token is not None:
             raise ValueError(f"skill {adapter.skill!r} carries its own skill token; task_id applies to base "
                              f"bundles only, drop it")
-        execution = execution_of(adapter, policy.config)  # the skill's chunk execution goes into the bundle
-        name = attach(policy, adapter)
-        if execution:
-            policy.set_execution(**execution)
-        set_active_adapter(policy, name)
-        if adapter.skill_token is not None:
-            policy.set_skill_token(nn.Parameter(adapter.skill_token.clone().float(), requires_grad=False))
+        name = attach_active(policy, adapter)  # with the skill's token and chunk execution (goes into the bundle)
         unmerged = copy.deepcopy(policy)
         strip_lora(policy, merge=name)
     leftover = [n for n in policy.state_dict() if "lora_" in n or ".base_layer" in n] + list(lora_layers(policy))
