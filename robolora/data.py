@@ -171,7 +171,8 @@ def collect(
     Episode seeds are drawn in order from ``seed, seed+1, ...``; with ``only_successful`` a failed seed is recorded in
     the manifest's ``failed_seeds`` and the next seed is tried, so slot i holds the i-th successful seed. Resumable:
     valid episode files already in ``out_dir`` are kept, missing or corrupt ones are recollected (a seed listed in
-    the manifest is reused, so the content is identical). ``noise`` None uses the expert's default. ``workers`` > 1
+    the manifest is reused, so the content is identical). A folder that already holds more than ``episodes`` keeps all
+    of them. ``noise`` None uses the expert's default. ``workers`` > 1
     runs episodes in separate processes (forkserver or spawn: a calling script needs the usual
     ``if __name__ == "__main__":`` guard); the result does not depend on it. ``progress(n)`` is called with the
     number of finished episodes. Returns the manifest written to ``out_dir/manifest.json``.
@@ -202,6 +203,13 @@ def collect(
             f"{previous.get('only_successful')}; this call uses seed={seed}, only_successful={only_successful}. "
             "Use a new folder or the same settings"
         )
+    held = len(previous.get("episodes", [])) if previous is not None else 0
+    if held > episodes:
+        # Asking for fewer episodes than the folder holds must not drop the rest from the manifest (a 25-demo run
+        # on a 50-demo folder once left later 50-demo runs without data); use ``max_episodes`` to train on fewer.
+        logger.info("collect %s: %s already holds %d episodes (> %d asked for); keeping all of them", runner.env_id,
+                    out, held, episodes)
+        episodes = held
     expected = {"env_id": runner.env_id, "noise": repr(noise), "image_size": str(image_size),
                 "cameras": ",".join(cameras)}
     slots: dict[int, int] = {}

@@ -124,6 +124,14 @@ def test_resume_recollects_only_missing_or_corrupt_files(reach_set: Path, tmp_pa
     assert manifest == json.loads((reach_set / "manifest.json").read_text())
 
 
+def test_collecting_fewer_than_present_keeps_every_episode(reach_set: Path, tmp_path: Path) -> None:
+    for path in reach_set.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    manifest = collect(ENV, 2, tmp_path, seed=7)
+    assert manifest == load_manifest(reach_set)
+    assert len(BCDataset([tmp_path], chunk_size=8, max_episodes=4).files) == 4
+
+
 def test_parallel_collection_equals_serial(reach_set: Path, tmp_path: Path) -> None:
     manifest = collect(ENV, 4, tmp_path, seed=7, workers=2)
     assert manifest == load_manifest(reach_set)
