@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -94,6 +95,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_weight(text: str) -> tuple[str, float]:
+    task, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = float("nan")
+    if not sep or not task or not math.isfinite(weight) or weight <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=W with W a number > 0, e.g. push=2")
+    return task, weight
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from robolora.recipes import pretrain
     from robolora.train import TrainConfig
@@ -104,7 +116,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     bar = Progress(args.steps, "pretrain", not args.json)
     try:
         metrics = pretrain(args.data, args.out, preset=args.preset, config=config, resume=args.resume,
-                           on_step=bar.update_to, init_from=args.init)
+                           on_step=bar.update_to, init_from=args.init,
+                           task_weights=dict(args.task_weight) if args.task_weight else None)
     finally:
         bar.close()
     emit(args, {"out": str(args.out), **metrics})
@@ -402,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(p, steps=20_000, lr=5e-4, lr_help="5e-4", checkpoint_every=500)
     p.add_argument("--init", type=Path, default=None,
                    help="continue pretraining from this saved policy (same preset) instead of a fresh one")
+    p.add_argument("--task-weight", type=_task_weight, action="append", default=None, metavar="TASK=W",
+                   help="sample TASK W times as often as the other tasks (repeatable; default: all equally)")
     _common(p)
     p.set_defaults(func=cmd_pretrain)
 

@@ -9,7 +9,8 @@ parameters train, calls :func:`robolora.train.train` and saves the result as saf
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,25 @@ def task_of(data_dir: str | Path) -> str:
     return next((name for name, gid in TASKS.items() if gid == env_id), manifest.get("task", env_id))
 
 
-def balanced_weights(data_dirs: Sequence[str | Path]) -> torch.Tensor:
+def balanced_weights(data_dirs: Sequence[str | Path], task_weights: Mapping[str, float] | None = None) -> torch.Tensor:
     """Per-sample weights so every dataset folder (task) contributes equally many samples in expectation.
 
-    Assumes BCDataset concatenates the folders' samples in the given order, one sample per recorded step.
+    ``task_weights`` ({task: w}, default 1 each) scales a task's share: ``{"push": 2}`` draws push samples twice as
+    often as any other task's. Assumes BCDataset concatenates the folders' samples in the given order, one sample
+    per recorded step.
     """
+    task_weights = dict(task_weights or {})
+    tasks = [task_of(d) for d in data_dirs]
+    unknown = sorted(set(task_weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"task weights for {unknown}, which no data folder holds; the folders hold {tasks}")
+    bad = {t: w for t, w in task_weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)}
+    if bad:
+        raise ValueError(f"task weights must be finite numbers > 0, got {bad}")
     weights = []
-    for d in data_dirs:
+    for d, task in zip(data_dirs, tasks):
         n = sum(e["length"] for e in load_manifest(d)["episodes"])
-        weights.append(torch.full((n,), 1.0 / n))
+        weights.append(torch.full((n,), float(task_weights.get(task, 1.0)) / n))
     return torch.cat(weights)
 
 
@@ -66,12 +77,14 @@ def pretrain(
     eval_episodes: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     init_from: str | Path | None = None,
+    task_weights: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Multi-task BC of a fresh policy on base-task datasets; the policy is saved to ``out_dir/policy``.
 
     Each folder's task (from its manifest) must be a base task; its index in ``BASE_TASKS`` is the task id.
     ``init_from`` starts from the weights of a saved policy of the same architecture (continued pretraining, e.g.
-    on more demos); the normalisation statistics are re-computed from ``data_dirs``.
+    on more demos); the normalisation statistics are re-computed from ``data_dirs``. ``task_weights`` ({task: w})
+    samples a task w times as often as the others (default: every task equally often).
     ``eval_episodes > 0`` runs that many rollouts per task every ``config.eval_every`` steps.
     """
     tasks = [task_of(d) for d in data_dirs]
@@ -84,7 +97,7 @@ def pretrain(
                                         cameras=tuple(first["cameras"]), **(policy_overrides or {}))
     task_ids = {t: BASE_TASKS.index(t) for t in tasks}
     dataset = BCDataset(list(data_dirs), chunk_size=policy_config.chunk_size, task_ids=task_ids)
-    weights = balanced_weights(data_dirs)
+    weights = balanced_weights(data_dirs, task_weights)
     if len(weights) != len(dataset):
         raise RuntimeError(f"manifests count {len(weights)} samples but the dataset has {len(dataset)}: "
                            "re-run `robolora collect` on the folders to repair their manifests")
@@ -114,6 +127,7 @@ def pretrain(
     save_policy(policy.cpu(), Path(out_dir) / POLICY_DIR, metadata={
         "kind": "base", "tasks": task_ids, "data": [str(d) for d in data_dirs],
         "init_from": str(init_from) if init_from is not None else None,
+        "task_weights": dict(task_weights) if task_weights else None,
         "train_config": config.to_dict(), "train_metrics": metrics,
         "samples": len(dataset)})
     return metrics

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=200, help="demos per base task (default 200)")
     parser.add_argument("--task-episodes", nargs="*", default=[], metavar="TASK=N",
                         help="per-task demo counts overriding --episodes, e.g. reach=1000 push=800")
+    parser.add_argument("--task-weight", nargs="*", default=[], metavar="TASK=W",
+                        help="sample TASK W times as often as the other tasks, e.g. push=2 (default: all equally)")
     parser.add_argument("--steps", type=int, default=16_000, help="training steps (default 16000)")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue pretraining from this saved policy (same config) instead of a fresh one")
@@ -61,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         if task not in counts or not n.isdigit():
             parser.error(f"--task-episodes {item!r}: expected TASK=N with TASK one of {list(BASE_TASKS)}")
         counts[task] = int(n)
+    weights = {}
+    for item in args.task_weight:
+        task, _, w = item.partition("=")
+        try:
+            weights[task] = float(w)
+        except ValueError:
+            parser.error(f"--task-weight {item!r}: expected TASK=W with W a number > 0")
     data_dirs = []
     for task in BASE_TASKS:
         out = args.work / "data" / task
@@ -75,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              device=args.device, augment_shift=args.augment_shift, checkpoint_every=250,
                              warmup_steps=args.warmup_steps)
-        metrics = pretrain(data_dirs, run, preset="base", config=config, resume=args.resume, init_from=args.init)
+        metrics = pretrain(data_dirs, run, preset="base", config=config, resume=args.resume, init_from=args.init,
+                           task_weights=weights or None)
         print(f"pretrained: loss {metrics['train/loss']:.4f}, {metrics['train/wall_s']:.0f} s", flush=True)
 
     policy = load_policy(run / POLICY_DIR)

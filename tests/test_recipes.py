@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from robolora.adapters import load_adapter
-from robolora.data import collect
+from robolora.data import collect, load_manifest
 from robolora.policies import base_fingerprint, load_policy
-from robolora.recipes import pretrain, train_skill
+from robolora.recipes import balanced_weights, pretrain, train_skill
 from robolora.train import TrainConfig
 
 FAST = TrainConfig(steps=6, batch_size=8, warmup_steps=1, log_every=3, device="cpu")
@@ -56,6 +56,20 @@ def test_pretrain_continues_from_a_saved_policy(base, demos, tmp_path):
         assert torch.allclose(continued.state_dict()[name], tensor, atol=1e-6), name
     with pytest.raises(ValueError, match="same config"):
         pretrain([demos / "reach"], tmp_path / "other", preset="base", config=still, init_from=base)
+
+
+def test_task_weights_scale_each_task_share(demos):
+    dirs = [demos / "reach", demos / "button_press"]
+    plain = balanced_weights(dirs)
+    n_reach = sum(e["length"] for e in load_manifest(demos / "reach")["episodes"])
+    assert plain[:n_reach].sum().item() == pytest.approx(1.0) and plain[n_reach:].sum().item() == pytest.approx(1.0)
+    weighted = balanced_weights(dirs, {"button_press": 3.0})
+    assert weighted[:n_reach].sum().item() == pytest.approx(1.0)
+    assert weighted[n_reach:].sum().item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="no data folder holds"):
+        balanced_weights(dirs, {"push": 2.0})
+    with pytest.raises(ValueError, match="> 0"):
+        balanced_weights(dirs, {"reach": 0.0})
 
 
 def test_lora_skill_trains_only_the_adapter_and_keeps_the_base(base, demos, tmp_path):
