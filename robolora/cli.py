@@ -112,7 +112,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          device=args.device, checkpoint_every=args.checkpoint_every,
-                         augment_shift=args.augment_shift)
+                         augment_shift=args.augment_shift, warmup_steps=min(200, args.steps // 10))
     bar = Progress(args.steps, "pretrain", not args.json)
     try:
         metrics = pretrain(args.data, args.out, preset=args.preset, config=config, resume=args.resume,
