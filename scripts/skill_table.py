@@ -66,6 +66,11 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps:
                        execution={"n_action_steps": n_action_steps} if n_action_steps else None)
 
 
+def _where(cell: dict) -> str:
+    """' (GPU)' for a cell trained on CUDA: its training time is not comparable with the CPU cells'."""
+    return " (GPU)" if cell.get("train_config", {}).get("device") == "cuda" else ""
+
+
 def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
     rows: list[dict[str, Any]] = []
     for skill in SKILL_TASKS:
@@ -85,12 +90,14 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
         size = f"{c['size_bytes'] / 1024:.0f} KB" if c["size_bytes"] else "-"
         lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | {e['eval/success_rate']:.2f} | "
                      f"[{e['eval/ci_low']:.2f}, {e['eval/ci_high']:.2f}] | {c['trainable_params']:,} "
-                     f"({c['trainable_percent_of_base']:.2f}%) | {size} | {c['train_metrics']['train/wall_s']:.0f} s |")
+                     f"({c['trainable_percent_of_base']:.2f}%) | {size} | {c['train_metrics']['train/wall_s']:.0f} s{_where(c)} |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     caveat = ("Each trained cell: --steps steps of batch 64 on the first N demos (seeds from 0), evaluated on 50 "
               "held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted chunk (the base's "
               "4 when not given); frozen = the base with task id 0. Training time is wall-clock on the "
-              "shared 2-core machine with up to four jobs running at once, so it measures the run, not the method.")
+              "shared 2-core machine with up to four jobs running at once, so it measures the run, not the method; "
+              "(GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "
+              "sharing it, and evaluated on the CPU.")
     out_md.write_text("# Skill table\n\n" + "\n".join(lines) + f"\n\n{caveat}\n\nCommand: `{command}`\n")
     import matplotlib
 
