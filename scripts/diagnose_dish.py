@@ -1,0 +1,73 @@
+"""Where does a dish_rack policy fail? Rolls it out and sorts every episode into the first stage it did not reach.
+
+Stages, from the simulator's state: the plate grasped; lifted (its centre 5 cm above its start); brought over the
+lit slot (within 2 cm across and 3 cm along, at any height); inside the lit slot upright at some step; success
+(inside, upright, released). Prints one markdown row per policy.
+
+    python scripts/diagnose_dish.py --skill policies/pretrained/skills/dish_rack --episodes 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from robolora.adapters import attach_for_eval  # noqa: E402
+from robolora.envs import TASKS  # noqa: E402
+from robolora.evaluate import _make_envs  # noqa: E402
+from robolora.policies import load_policy  # noqa: E402
+from robolora.recipes import shipped_base  # noqa: E402
+from robolora.stats import EVAL_SEED  # noqa: E402
+
+STAGES = ("no grasp", "grasped, not lifted", "lifted, never over the lit slot", "over the slot, never inside",
+          "inside, not released upright", "success")
+
+
+def episode_stage(policy, envs, seed: int) -> str:
+    obs, _ = envs.reset(seed=[seed])
+    policy.reset()
+    env = envs.envs[0].unwrapped
+    start_z = float(env.body_pos("plate")[2])
+    reached = 0
+    done = False
+    while not done:
+        obs, _, terminated, truncated, info = envs.step(np.asarray(policy.select_action(obs), dtype=np.float32))
+        offset = env.body_pos("plate") - env.slot_pos
+        flags = [env.grasped("plate"), float(env.body_pos("plate")[2]) > start_z + 0.05,
+                 abs(offset[0]) < 0.02 and abs(offset[1]) < 0.03, env.plate_in_slot(), bool(info["success"][0])]
+        while reached < len(flags) and flags[reached]:
+            reached += 1
+        done = bool(terminated[0] or truncated[0]) or reached == len(flags)
+    return STAGES[reached]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default=None, help="policy checkpoint (default: the shipped base)")
+    parser.add_argument("--skill", nargs="*", default=[], help="adapter folders (one row each)")
+    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    args = parser.parse_args(argv)
+    print("| policy | " + " | ".join(STAGES) + " |")
+    print("| --- |" + " --- |" * len(STAGES))
+    for skill in args.skill or [None]:
+        policy = load_policy(args.policy or shipped_base())
+        if skill is not None:
+            attach_for_eval(policy, skill)
+        envs = _make_envs(TASKS["dish_rack"], 1, {})
+        try:
+            counts = Counter(episode_stage(policy, envs, args.seed + i) for i in range(args.episodes))
+        finally:
+            envs.close()
+        print(f"| {skill or args.policy or 'base'} | " + " | ".join(str(counts[s]) for s in STAGES) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
