@@ -51,3 +51,11 @@ def test_train_skill_targets_and_execution_reach_the_adapter(tmp_path, capsys):
     manager.activate("wipe")
     manager.apply_pending()
     assert manager.policy.config.n_action_steps == 8
+
+
+@pytest.mark.parametrize("bad", ["push", "push=0", "push=-1", "push=nan", "=2"])
+def test_pretrain_task_weight_must_be_task_eq_positive_number(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--task-weight", bad])
+    assert exit_info.value.code == 2
+    assert "expected TASK=W" in capsys.readouterr().err
