@@ -1,7 +1,7 @@
 """How precisely must a policy know where the plate is? The dish_rack expert with a perception error.
 
 The scripted expert reads the plate's true position from the simulator. A policy has to infer it from a 64 px
-camera (about a centimetre per pixel on the table). Here the expert sees the plate displaced by a constant,
+camera image of the whole workspace. Here the expert sees the plate displaced by a constant,
 per-episode Gaussian error of std sigma in x and y (a biased estimate, as a policy's would be). It grasps the plate
 off-centre by that error and aligns the wrong point over the slot. Success over N seeded episodes for each sigma
 tells how good the plate estimate must be for a given success rate. Prints a markdown table.
