@@ -95,7 +95,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_weight(text: str) -> tuple[str, float]:
+def task_weight_arg(text: str) -> tuple[str, float]:
+    """argparse type for ``TASK=W`` (W a finite number > 0), shared by ``robolora pretrain`` and pretrain_base.py."""
     task, sep, value = text.partition("=")
     try:
         weight = float(value)
@@ -415,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(p, steps=20_000, lr=5e-4, lr_help="5e-4", checkpoint_every=500)
     p.add_argument("--init", type=Path, default=None,
                    help="continue pretraining from this saved policy (same preset) instead of a fresh one")
-    p.add_argument("--task-weight", type=_task_weight, action="append", default=None, metavar="TASK=W",
+    p.add_argument("--task-weight", type=task_weight_arg, action="append", default=None, metavar="TASK=W",
                    help="sample TASK W times as often as the other tasks (repeatable; default: all equally)")
     _common(p)
     p.set_defaults(func=cmd_pretrain)

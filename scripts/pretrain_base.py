@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from robolora.cli import task_weight_arg  # noqa: E402
 from robolora.data import collect  # noqa: E402
 from robolora.envs import BASE_TASKS, SKILL_TASKS, TASKS  # noqa: E402
 from robolora.evaluate import evaluate  # noqa: E402
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=200, help="demos per base task (default 200)")
     parser.add_argument("--task-episodes", nargs="*", default=[], metavar="TASK=N",
                         help="per-task demo counts overriding --episodes, e.g. reach=1000 push=800")
-    parser.add_argument("--task-weight", nargs="*", default=[], metavar="TASK=W",
+    parser.add_argument("--task-weight", nargs="*", type=task_weight_arg, default=[], metavar="TASK=W",
                         help="sample TASK W times as often as the other tasks, e.g. push=2 (default: all equally)")
     parser.add_argument("--steps", type=int, default=16_000, help="training steps (default 16000)")
     parser.add_argument("--init", type=Path, default=None,
@@ -63,13 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if task not in counts or not n.isdigit():
             parser.error(f"--task-episodes {item!r}: expected TASK=N with TASK one of {list(BASE_TASKS)}")
         counts[task] = int(n)
-    weights = {}
-    for item in args.task_weight:
-        task, _, w = item.partition("=")
-        try:
-            weights[task] = float(w)
-        except ValueError:
-            parser.error(f"--task-weight {item!r}: expected TASK=W with W a number > 0")
+    weights = dict(args.task_weight)
+    if set(weights) - set(BASE_TASKS):
+        parser.error(f"--task-weight {sorted(set(weights) - set(BASE_TASKS))}: TASK must be one of {list(BASE_TASKS)}")
     data_dirs = []
     for task in BASE_TASKS:
         out = args.work / "data" / task
