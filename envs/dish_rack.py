@@ -110,7 +110,6 @@ class DishRackExpert(Expert):
     """
 
     default_noise = 0.2
-    drift_phases = ("carry", "align")  # carry the plate off course towards the rack; never while inserting
     initial_phase = "above"
     grasp_depth = 0.02  # tcp this far below the plate's top rim
 

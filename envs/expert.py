@@ -37,13 +37,6 @@ class Expert:
     default_noise: ClassVar[float] = 0.15
     gain_range: ClassVar[tuple[float, float]] = (0.7, 1.0)  # P gain in action units per 2 cm of error
     initial_phase: ClassVar[str] = "start"
-    # Correlated xy perturbation (DART with a slow drift): std in action units, correlation time in steps, and the
-    # phases it acts in. White noise averages out within a few steps, so the executed path never strays far from
-    # the expert's; a drift carries the object centimetres off course, the states a learner reaches by its own
-    # small biases, and the clean labels show the way back. 0 = off.
-    default_drift: ClassVar[float] = 0.0
-    drift_steps: ClassVar[float] = 6.0
-    drift_phases: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, env: gym.Env, seed: int | None = None) -> None:
         unwrapped = env.unwrapped
@@ -53,14 +46,11 @@ class Expert:
         self.rng = np.random.default_rng(seed)
         self.gain = 1.0
         self.phase = self.initial_phase
-        self.drift = self.default_drift
-        self._drift = np.zeros(2)
 
     def reset(self) -> None:
         """Start a new episode: resample gain and waypoint jitter. Call right after ``env.reset``."""
         self.gain = float(self.rng.uniform(*self.gain_range))
         self.phase = self.initial_phase
-        self._drift = np.zeros(2)
         self._plan()
 
     def act(self) -> np.ndarray:
@@ -69,30 +59,13 @@ class Expert:
         return np.clip(np.append(move, grip), -1.0, 1.0).astype(np.float32)
 
     def perturb(self, clean: np.ndarray, noise: float) -> np.ndarray:
-        """The executed action: ``clean`` plus seeded Gaussian noise of std ``noise``, clipped to [-1, 1].
-
-        In :attr:`drift_phases`, with ``self.drift`` > 0, an Ornstein-Uhlenbeck drift of stationary std
-        ``self.drift`` and correlation time :attr:`drift_steps` is added to x and y too; it restarts from zero
-        outside those phases.
-        """
+        """The executed action: ``clean`` plus seeded Gaussian noise of std ``noise``, clipped to [-1, 1]."""
         if noise < 0:
             raise ValueError(f"noise={noise} must be >= 0 (std of the Gaussian action noise)")
-        if self.drift < 0:
-            raise ValueError(f"drift={self.drift} must be >= 0 (std of the correlated xy perturbation)")
         executed = np.asarray(clean, dtype=np.float64) + self.rng.normal(0.0, noise, size=4)
-        if self.drift > 0 and self._drifting():
-            keep = 1.0 - 1.0 / self.drift_steps
-            self._drift = keep * self._drift + self.rng.normal(0.0, self.drift * np.sqrt(1.0 - keep**2), size=2)
-            executed[:2] += self._drift
-        else:
-            self._drift = np.zeros(2)
         return np.clip(executed, -1.0, 1.0).astype(np.float32)
 
     # ------------------------------------------------------------------------------------ subclass hooks
-    def _drifting(self) -> bool:
-        """Whether the drift acts at this step (default: in :attr:`drift_phases`)."""
-        return self.phase in self.drift_phases
-
     def _plan(self) -> None:
         """Sample per-episode waypoint jitter from ``self.rng``."""
 

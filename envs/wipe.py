@@ -131,7 +131,6 @@ class WipeExpert(Expert):
     """
 
     default_noise = 0.3
-    drift_phases = ("travel", "scrub")  # the sponge strays off the dirt trail; labels steer it back
     initial_phase = "above"
     travel_height = 0.03  # sponge bottom above the table while travelling to the first spot
 

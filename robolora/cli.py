@@ -84,7 +84,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     env_id = TASKS.get(args.task, args.task)
     bar = Progress(args.episodes, f"collect {args.task}", not args.json)
     try:
-        manifest = collect(env_id, args.episodes, args.out, seed=args.seed, noise=args.noise, drift=args.drift,
+        manifest = collect(env_id, args.episodes, args.out, seed=args.seed, noise=args.noise,
                            workers=args.workers, image_size=args.image_size, cameras=tuple(args.cameras),
                            progress=bar.update_to)
     finally:
@@ -402,9 +402,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="dataset folder (resumed when it exists)")
     p.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
     p.add_argument("--noise", type=float, default=None, help="expert action noise (default: the expert's)")
-    p.add_argument("--drift", type=float, default=None,
-                   help="std of the expert's slow xy drift in its drift phases, so that demos show the way back from "
-                        "centimetre errors (default: the expert's; 0 for the base tasks)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--image-size", type=int, default=64, help="camera image size in pixels (default 64)")
     p.add_argument("--cameras", nargs="+", default=["front"], help="cameras to record (front, wrist)")

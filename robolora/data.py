@@ -77,14 +77,12 @@ class _EpisodeRunner:
         self.image_size = image_size
         probe = make_expert(self.env, seed=0)
         self.default_noise = float(probe.default_noise)
-        self.default_drift = float(getattr(probe, "default_drift", 0.0))  # experts made outside Expert have none
         self.expert_name = type(probe).__name__
 
-    def run(self, seed: int, noise: float, drift: float = 0.0) -> dict[str, np.ndarray]:
+    def run(self, seed: int, noise: float) -> dict[str, np.ndarray]:
         obs, info = self.env.reset(seed=seed)
         expert = self._make_expert(self.env, seed=seed)
         expert.reset()
-        expert.drift = drift
         steps: dict[str, list[np.ndarray]] = {key: [] for key in _episode_keys(self.cameras)}
         done = False
         while not done:
@@ -100,17 +98,15 @@ class _EpisodeRunner:
             done = terminated or truncated
         return {key: np.stack(values) for key, values in steps.items()}
 
-    def collect_one(self, seed: int, noise: float, drift: float, task: str, stage_dir: str,
-                    keep_failed: bool) -> dict[str, Any]:
-        arrays = self.run(seed, noise, drift)
+    def collect_one(self, seed: int, noise: float, task: str, stage_dir: str, keep_failed: bool) -> dict[str, Any]:
+        arrays = self.run(seed, noise)
         length = int(arrays["action"].shape[0])
         success = bool(arrays["success"][-1])
         result: dict[str, Any] = {"seed": seed, "length": length, "success": success, "staged": None}
         if success or keep_failed:
             metadata = {
                 "format_version": str(FORMAT_VERSION), "env_id": self.env_id, "task": task, "seed": str(seed),
-                "expert": self.expert_name, "noise": repr(float(noise)), "drift": repr(float(drift)),
-                "length": str(length),
+                "expert": self.expert_name, "noise": repr(float(noise)), "length": str(length),
                 "success": str(int(success)), "image_size": str(self.image_size),
                 "cameras": ",".join(self.cameras), "sha256": _checksum(arrays),
             }
@@ -130,14 +126,9 @@ def _init_worker(env_id: str, image_size: int, cameras: tuple[str, ...]) -> None
     _WORKER_RUNNER = _EpisodeRunner(env_id, image_size, cameras)
 
 
-def _worker_collect_one(seed: int, noise: float, drift: float, task: str, stage_dir: str,
-                        keep_failed: bool) -> dict[str, Any]:
+def _worker_collect_one(seed: int, noise: float, task: str, stage_dir: str, keep_failed: bool) -> dict[str, Any]:
     assert _WORKER_RUNNER is not None, "worker used before _init_worker"
-    return _WORKER_RUNNER.collect_one(seed, noise, drift, task, stage_dir, keep_failed)
-
-
-# Metadata keys newer than some dataset files, and the value those files were collected with.
-_METADATA_DEFAULTS = {"drift": repr(0.0)}
+    return _WORKER_RUNNER.collect_one(seed, noise, task, stage_dir, keep_failed)
 
 
 def _valid_episode_seed(path: Path, expected: dict[str, str]) -> int | None:
@@ -155,7 +146,7 @@ def _valid_episode_seed(path: Path, expected: dict[str, str]) -> int | None:
         logger.warning("episode file %s is corrupt or truncated (%s); recollecting it", path, exc)
         return None
     for key, value in expected.items():
-        if metadata.get(key, _METADATA_DEFAULTS.get(key)) != value:
+        if metadata.get(key) != value:
             raise ValueError(
                 f"{path} was collected with {key}={metadata.get(key)!r} but this call uses {key}={value!r}; "
                 "collect into a new folder or repeat the original settings to resume"
@@ -170,7 +161,6 @@ def collect(
     seed: int = 0,
     noise: float | None = None,
     workers: int = 1,
-    drift: float | None = None,
     image_size: int = 64,
     cameras: tuple[str, ...] = ("front",),
     only_successful: bool = True,
@@ -182,8 +172,7 @@ def collect(
     the manifest's ``failed_seeds`` and the next seed is tried, so slot i holds the i-th successful seed. Resumable:
     valid episode files already in ``out_dir`` are kept, missing or corrupt ones are recollected (a seed listed in
     the manifest is reused, so the content is identical). A folder that already holds more than ``episodes`` keeps all
-    of them. ``noise`` None uses the expert's default, and so does ``drift`` (the std of the expert's correlated xy
-    perturbation in its drift phases, :meth:`robolora.envs.expert.Expert.perturb`). ``workers`` > 1
+    of them. ``noise`` None uses the expert's default. ``workers`` > 1
     runs episodes in separate processes (forkserver or spawn: a calling script needs the usual
     ``if __name__ == "__main__":`` guard); the result does not depend on it. ``progress(n)`` is called with the
     number of finished episodes. Returns the manifest written to ``out_dir/manifest.json``.
@@ -202,9 +191,6 @@ def collect(
     noise = runner.default_noise if noise is None else float(noise)
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1] (std of the action noise), got {noise}")
-    drift = runner.default_drift if drift is None else float(drift)
-    if not 0.0 <= drift <= 1.0:
-        raise ValueError(f"drift must be in [0, 1] (std of the correlated xy perturbation), got {drift}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp-*"):
@@ -224,7 +210,7 @@ def collect(
         logger.info("collect %s: %s already holds %d episodes (> %d asked for); keeping all of them", runner.env_id,
                     out, held, episodes)
         episodes = held
-    expected = {"env_id": runner.env_id, "noise": repr(noise), "drift": repr(drift), "image_size": str(image_size),
+    expected = {"env_id": runner.env_id, "noise": repr(noise), "image_size": str(image_size),
                 "cameras": ",".join(cameras)}
     slots: dict[int, int] = {}
     for index in range(episodes):
@@ -239,7 +225,7 @@ def collect(
 
     used = set(slots.values())
     candidates = (s for s in _count_from(seed) if s not in used and s not in failed)
-    args = (noise, drift, task, str(out), not only_successful)
+    args = (noise, task, str(out), not only_successful)
     try:
         if workers == 1 or len(missing) <= 1:
             _fill_slots(_InlineExecutor(), runner.collect_one, 1, missing, candidates, args, out, slots, failed,
@@ -252,8 +238,7 @@ def collect(
                             progress, runner.env_id)
     finally:
         runner.env.close()
-    manifest = _build_manifest(out, runner, task, seed, noise, drift, only_successful, slots, failed, image_size,
-                               cameras)
+    manifest = _build_manifest(out, runner, task, seed, noise, only_successful, slots, failed, image_size, cameras)
     _write_atomic_json(out / MANIFEST_NAME, manifest)
     logger.info("collect %s: %d episodes, expert success rate %.3f", runner.env_id, episodes, manifest["success_rate"])
     return manifest
@@ -342,8 +327,7 @@ def _commit(result: dict[str, Any], index: int, out: Path, slots: dict[int, int]
     return True
 
 
-def _build_manifest(out: Path, runner: _EpisodeRunner, task: str, seed: int, noise: float, drift: float,
-                    only_successful: bool,
+def _build_manifest(out: Path, runner: _EpisodeRunner, task: str, seed: int, noise: float, only_successful: bool,
                     slots: dict[int, int], failed: set[int], image_size: int,
                     cameras: tuple[str, ...]) -> dict[str, Any]:
     entries, proprio, action = [], [], []
@@ -358,7 +342,7 @@ def _build_manifest(out: Path, runner: _EpisodeRunner, task: str, seed: int, noi
     successes = sum(entry["success"] for entry in entries)
     return {
         "format_version": FORMAT_VERSION, "env_id": runner.env_id, "task": task, "image_size": image_size,
-        "cameras": list(cameras), "seed": seed, "noise": noise, "drift": drift, "expert": runner.expert_name,
+        "cameras": list(cameras), "seed": seed, "noise": noise, "expert": runner.expert_name,
         "only_successful": only_successful, "episodes": entries, "failed_seeds": sorted(failed),
         "success_rate": successes / (len(entries) + len(failed)),
         "stats": {
