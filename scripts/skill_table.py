@@ -4,11 +4,15 @@ Usage:
     python scripts/skill_table.py --work runs/skill_table                       # every cell (hours on 2 CPU cores)
     python scripts/skill_table.py --work runs/skill_table --skills dish_rack --demos 50 --methods lora_r4 full
     python scripts/skill_table.py --work runs/skill_table --report-only         # rewrite the table from done cells
+    python scripts/skill_table.py --work runs/skill_table --import dish_rack-200-full=RUN/policy   # trained elsewhere
 
 Each cell (skill, demo budget, method) trains with `robolora.recipes.train_skill`, evaluates on 50 held-out
 episodes and stores its result as ``<work>/cells/<skill>-<demos>-<method>.json``; finished cells are skipped, so
 the table can be filled over several runs. The table goes to ``docs/skill_table.md`` and the plot to
-``docs/skill_table.png``; cells not run yet show as "not run".
+``docs/skill_table.png``; cells of the issue's budgets (10, 25, 50 demos) not run yet show as "not run", larger
+budgets only when run. ``--import CELL=ARTIFACT`` adds a cell trained elsewhere (e.g. on a GPU machine with
+``robolora train-skill``): it reads the adapter or policy folder's metadata, evaluates it here on the same held-out
+episodes and writes the cell.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from robolora.recipes import shipped_base, train_skill  # noqa: E402
 from robolora.train import TrainConfig  # noqa: E402
 
 ATTN = ("attn.q", "attn.k", "attn.v", "attn.o")
+ALL = ATTN + ("mlp.fc1", "mlp.fc2", "action_head", "proprio_proj")
 METHODS = {  # name -> (recipe method, LoRA rank, learning rate, LoRA targets)
     "lora_r2": ("lora", 2, 1e-3, ATTN),
     "lora_r4": ("lora", 4, 1e-3, ATTN),
     "lora_r2_mlp": ("lora", 2, 2e-3, ATTN + ("mlp.fc1", "mlp.fc2")),
-    "lora_r2_all": ("lora", 2, 2e-3, ATTN + ("mlp.fc1", "mlp.fc2", "action_head", "proprio_proj")),
+    "lora_r2_all": ("lora", 2, 2e-3, ALL),
+    "lora_r4_all": ("lora", 4, 2e-3, ALL),
     "full": ("full", None, 3e-4, None),
     "scratch": ("scratch", None, 5e-4, None),
     "frozen": (None, None, None, None),
@@ -66,6 +72,50 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps:
                        execution={"n_action_steps": n_action_steps} if n_action_steps else None)
 
 
+def import_cell(work: Path, spec: str, episodes: int) -> tuple[Path, dict]:
+    """Evaluate an adapter or policy folder trained elsewhere and store it as the cell ``SKILL-DEMOS-METHOD``."""
+    from robolora.adapters import attach_for_eval
+    from robolora.policies.checkpoint import read_policy_header
+
+    name, sep, artifact = spec.partition("=")
+    parts = name.rsplit("-", 2) if sep else []
+    if len(parts) != 3 or parts[0] not in SKILL_TASKS or parts[2] not in METHODS or not parts[1].isdigit():
+        raise SystemExit(f"--import {spec!r}: expected SKILL-DEMOS-METHOD=FOLDER with SKILL in {list(SKILL_TASKS)}, "
+                         f"METHOD in {list(METHODS)}, e.g. dish_rack-200-full=runs/x/policy")
+    skill, demos, method = parts[0], int(parts[1]), parts[2]
+    folder = Path(artifact)
+    t0 = time.perf_counter()
+    if (folder / "adapter.json").exists():
+        info = json.loads((folder / "adapter.json").read_text())
+        policy = load_policy(shipped_base())
+        attach_for_eval(policy, folder)
+        size = (folder / "adapter.safetensors").stat().st_size
+    elif (folder / "config.json").exists():
+        info = read_policy_header(folder).get("metadata", {})
+        policy = load_policy(folder)
+        size = (folder / "model.safetensors").stat().st_size
+    else:
+        raise SystemExit(f"--import {spec!r}: {folder} holds neither adapter.json nor config.json")
+    expect = METHODS[method][0]
+    if (info.get("skill"), info.get("demos"), info.get("method")) != (skill, demos, expect):
+        raise SystemExit(f"--import {spec!r}: {folder} was trained as skill={info.get('skill')!r}, "
+                         f"demos={info.get('demos')}, method={info.get('method')!r}; the cell name says "
+                         f"{skill!r}, {demos}, {expect!r}")
+    if expect == "lora":
+        lora, (_, rank, _, targets) = info.get("lora", {}), METHODS[method]
+        if (lora.get("rank"), set(lora.get("targets", ()))) != (rank, set(targets)):
+            raise SystemExit(f"--import {spec!r}: the adapter has rank {lora.get('rank')} on {lora.get('targets')}; "
+                             f"{method} means rank {rank} on {list(targets)}")
+    m = evaluate(policy, TASKS[skill], episodes)
+    cell = {k: v for k, v in info.items() if k not in ("lora", "layers", "eval", "format", "format_version")}
+    cell.update(eval={k: v for k, v in m.items() if k != "episodes"}, size_bytes=size, out=str(folder),
+                imported=True, eval_wall_s=time.perf_counter() - t0)
+    path = work / "cells" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cell, indent=1, default=str))
+    return path, cell
+
+
 def _where(cell: dict) -> str:
     """' (GPU)' for a cell trained on CUDA: its training time is not comparable with the CPU cells'."""
     return " (GPU)" if cell.get("train_config", {}).get("device") == "cuda" else ""
@@ -73,26 +123,31 @@ def _where(cell: dict) -> str:
 
 def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
     rows: list[dict[str, Any]] = []
+    found = {int(p.stem.rsplit("-", 2)[1]) for p in (work / "cells").glob("*-*-*.json")
+             if p.stem.rsplit("-", 2)[1].isdigit()}
+    budgets = sorted(set(BUDGETS) | found)
     for skill in SKILL_TASKS:
-        for demos in BUDGETS:
+        for demos in budgets:
             for method in METHODS:
                 path = work / "cells" / f"{skill}-{demos}-{method}.json"
                 cell = json.loads(path.read_text()) if path.exists() else None
-                rows.append({"skill": skill, "demos": demos, "method": method, "cell": cell})
+                if cell is not None or demos in BUDGETS:  # beyond the issue's budgets: only the cells run
+                    rows.append({"skill": skill, "demos": demos, "method": method, "cell": cell})
     lines = ["| skill | demos | method | success (50 eps) | 95% interval | trainable params (% of base) | file size |"
-             " training time |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             " steps | training time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r["cell"]
         if c is None:
-            lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | not run | | | | |")
+            lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | not run | | | | | |")
             continue
         e = c["eval"]
         size = f"{c['size_bytes'] / 1024:.0f} KB" if c["size_bytes"] else "-"
         lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | {e['eval/success_rate']:.2f} | "
                      f"[{e['eval/ci_low']:.2f}, {e['eval/ci_high']:.2f}] | {c['trainable_params']:,} "
-                     f"({c['trainable_percent_of_base']:.2f}%) | {size} | {c['train_metrics']['train/wall_s']:.0f} s{_where(c)} |")
+                     f"({c['trainable_percent_of_base']:.2f}%) | {size} | {c.get('train_config', {}).get('steps', '-')} | "
+                     f"{c['train_metrics']['train/wall_s']:.0f} s{_where(c)} |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    caveat = ("Each trained cell: --steps steps of batch 64 on the first N demos (seeds from 0), evaluated on 50 "
+    caveat = ("Each trained cell: the listed steps of batch 64 on the first N demos (seeds from 0), evaluated on 50 "
               "held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted chunk (the base's "
               "4 when not given); frozen = the base with task id 0. Training time is wall-clock on the "
               "shared 2-core machine with up to four jobs running at once, so it measures the run, not the method; "
@@ -111,15 +166,17 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
                    if r["skill"] == skill and r["method"] == method and r["cell"]]
             if not pts:
                 continue
-            x = [d + (i - len(METHODS) / 2) * 0.8 for d, _ in pts]
+            x = [d * 1.04 ** (i - len(METHODS) / 2) for d, _ in pts]  # side by side on the log axis
             y = [e["eval/success_rate"] for _, e in pts]
             err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)], [e["eval/ci_high"] - v for v, (_, e) in
                                                                           zip(y, pts)]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
         ax.set_title(skill)
         ax.set_xlabel("demos")
-        ax.set_xticks(BUDGETS)
-        ax.set_xlim(min(BUDGETS) - 5, max(BUDGETS) + 5)  # the per-method offsets stay inside the axes
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlim(min(budgets) * 0.8, max(budgets) * 1.25)  # the per-method offsets stay inside the axes
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
@@ -143,12 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, default=Path("docs/skill_table.md"))
     parser.add_argument("--png", type=Path, default=Path("docs/skill_table.png"))
     parser.add_argument("--report-only", action="store_true", help="only rewrite the table from finished cells")
+    parser.add_argument("--import", dest="imports", nargs="+", default=[], metavar="CELL=FOLDER",
+                        help="evaluate adapter/policy folders trained elsewhere as cells, e.g. "
+                             "wipe-200-lora_r2_all=RUN/adapter (then rewrite the table)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     base = args.base or shipped_base()
     command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}" + (
         f" --n-action-steps {args.n_action_steps}" if args.n_action_steps else "")
-    if not args.report_only:
+    for spec in args.imports:
+        path, cell = import_cell(args.work, spec, args.episodes)
+        print(f"imported {path.stem}: success {cell['eval']['eval/success_rate']:.2f}", flush=True)
+    if not args.report_only and not args.imports:
         for skill in args.skills:
             collect(TASKS[skill], max(args.demos), args.work / "data" / skill, seed=0, workers=2)
             for demos in args.demos:
