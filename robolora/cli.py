@@ -70,10 +70,10 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------- subcommands
 def cmd_info(args: argparse.Namespace) -> int:
-    from robolora.info import describe, environment
+    from robolora.info import describe, environment, summary
 
     result = describe(args.path) if args.path else environment()
-    emit(args, result)
+    emit(args, result, (lambda: summary(result)) if args.path else None)
     return 0
 
 

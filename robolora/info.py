@@ -79,6 +79,72 @@ def describe(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def _eval_line(ev: dict[str, Any]) -> str:
+    return (f"{ev['eval/success_rate']:.2f} [{ev['eval/ci_low']:.2f}, {ev['eval/ci_high']:.2f}] over "
+            f"{ev.get('eval/episodes', '?')} held-out episodes")
+
+
+def _shapes_line(weights: dict[str, Any]) -> str:
+    shown = [f"{k} {tuple(v)}" for k, v in list(weights["shapes"].items())[:4] if k != "..."]
+    more = weights["tensors"] - len(shown)
+    return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
+
+
+def summary(info: dict[str, Any]) -> str:
+    """The human-readable form of :func:`describe`'s result: one aligned line per fact that matters."""
+    rows: list[tuple[str, Any]] = [("path", info["path"]), ("kind", info["kind"])]
+    kind = info["kind"]
+    if kind == "policy checkpoint":
+        cfg, meta, w = info["config"]["config"], info["config"].get("metadata", {}), info["weights"]
+        rows += [("architecture", f"{cfg['n_layers']} layers, d={cfg['d_model']}, {cfg['n_heads']} heads, "
+                                  f"cameras {cfg['cameras']} at {cfg['image_size']} px, chunk {cfg['chunk_size']}, "
+                                  f"executes {cfg['n_action_steps']} actions per chunk"),
+                 ("parameters", f"{w['parameters']:,} in {w['tensors']} tensors, {w['bytes'] / 1e6:.1f} MB"),
+                 ("base fingerprint", info["base_fingerprint"])]
+        if meta.get("kind"):
+            rows.append(("trained as", meta["kind"] + (f" on {sorted(meta['tasks'])}" if meta.get("tasks") else "")))
+        if meta.get("skill"):
+            rows.append(("skill", f"{meta['skill']} ({meta.get('method')}, {meta.get('demos')} demos)"))
+        if meta.get("eval"):
+            rows.append(("success", _eval_line(meta["eval"])))
+    elif kind == "skill adapter":
+        a, w = info["adapter"], info["weights"]
+        lora = a.get("lora", {})
+        rows += [("skill", a.get("skill")),
+                 ("LoRA", f"rank {lora.get('rank')}, alpha {lora.get('alpha')} on {', '.join(lora.get('targets', []))}"
+                          + (" + a skill token" if a.get("skill_token") else "")),
+                 ("parameters", f"{w['parameters']:,} in {w['tensors']} tensors"
+                                + (f" ({a['trainable_percent_of_base']:.2f}% of the base)"
+                                   if "trainable_percent_of_base" in a else "") + f", {w['bytes'] / 1e3:.0f} KB"),
+                 ("base fingerprint", a.get("base_fingerprint"))]
+        if a.get("demos"):
+            train = a.get("train_config", {})
+            rows.append(("trained on", f"{a['demos']} demos ({a.get('data', '?')}), {train.get('steps', '?')} steps "
+                                       f"on {train.get('device', '?')}"))
+        if a.get("execution"):
+            rows.append(("execution", a["execution"]))
+        if a.get("eval"):
+            rows.append(("success", _eval_line(a["eval"])))
+    elif kind == "PEFT adapter":
+        c, w = info["adapter_config"], info["weights"]
+        rows += [("LoRA", f"r {c.get('r')}, lora_alpha {c.get('lora_alpha')} on {len(c.get('target_modules', []))} "
+                          "modules"), ("parameters", f"{w['parameters']:,} in {w['tensors']} tensors")]
+    elif kind == "controller bundle":
+        spec = info["spec"]
+        rows += [(key, spec[key]) for key in ("skill", "skills", "base_fingerprint", "inputs", "outputs")
+                 if key in spec]
+        rows.append(("files", ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in info["files"].items())))
+    else:
+        m = info["manifest"]
+        rows += [("task", m.get("task")), ("episodes", f"{info['episodes']} ({info['samples']:,} steps)"),
+                 ("expert", f"{m.get('expert')}, noise {m.get('noise')}, success rate {m.get('success_rate', 0):.3f}"),
+                 ("observations", f"cameras {m.get('cameras')} at {m.get('image_size')} px"),
+                 ("first seed", m.get("seed"))]
+    if "weights" in info:
+        rows.append(("tensors", _shapes_line(info["weights"])))
+    return "\n".join(f"{key:18s} {value}" for key, value in rows)
+
+
 def environment() -> dict[str, Any]:
     """Versions, devices, registered tasks and shipped checkpoints."""
     import gymnasium

@@ -154,3 +154,16 @@ def test_golden_outputs(tmp_path):
         assert np.abs(onnx_out - expected).max() <= 1e-5, kind
         assert np.abs(torch_out - expected).max() <= 1e-5, kind
     assert load_policy(GOLDEN / "base").config.d_model == 32
+
+
+def test_info_summarises_adapters_and_bundles(bundles):
+    """`robolora info` names the kind, the skill and the base fingerprint of what it inspects, in readable lines."""
+    from robolora.info import describe, summary
+
+    root, _ = bundles
+    adapter = summary(describe(root / "wipe_adapter"))
+    assert "kind               skill adapter" in adapter
+    fingerprint = json.loads((root / "wipe_adapter" / "adapter.json").read_text())["base_fingerprint"]
+    assert fingerprint in adapter and "rank " in adapter
+    bundle = summary(describe(root / "skill"))
+    assert "controller bundle" in bundle and "policy.onnx" in bundle
