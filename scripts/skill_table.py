@@ -170,7 +170,7 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
             y = [e["eval/success_rate"] for _, e in pts]
             err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)], [e["eval/ci_high"] - v for v, (_, e) in
                                                                           zip(y, pts)]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method, color=f"C{i}")  # one colour per method
         ax.set_title(skill)
         ax.set_xlabel("demos")
         ax.set_xscale("log")
@@ -180,7 +180,12 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
-    axes[-1].legend(loc="lower right")
+    labels = {}  # every method that appears in any panel, in METHODS order
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    ordered = [m for m in METHODS if m in labels]
+    axes[-1].legend([labels[m] for m in ordered], ordered, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
