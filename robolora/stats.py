@@ -19,4 +19,7 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 the bound is exactly 0 or 1 in exact arithmetic; in floats it can miss by a rounding error, and a
+    # plotted error bar (rate - low, high - rate) must not go negative.
+    return (0.0 if successes == 0 else low), (1.0 if successes == n else high)

@@ -34,6 +34,8 @@ def test_wilson_interval_matches_known_values():
     assert wilson_interval(0, 50)[0] == pytest.approx(0.0, abs=1e-12)
     assert wilson_interval(50, 50)[1] == pytest.approx(1.0, abs=1e-12)
     assert wilson_interval(0, 50)[1] == pytest.approx(0.0713, abs=1e-3)
+    # the bounds hold the rate exactly at 0 and 1 (a plotted error bar rate - low or high - rate never goes negative)
+    assert all(wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0 for n in range(1, 201))
 
 
 def test_results_do_not_depend_on_parallel_envs():
