@@ -5,8 +5,9 @@ lit slot (within 2 cm across and 3 cm along, at any height); inside the lit slot
 (inside, upright, released). Prints one markdown row per policy, then a second table of where the policy holds
 the plate over the rack: per lit slot, the median across-slot offset (x, mm) of the plate centre from the slot centre
 while the plate is held at hover height (centre 8.5-12.5 cm up) within 4 cm of the slot. The slot is 20 mm wide
-and the plate 12 mm thick, so an offset beyond about 4 mm lands the plate on a wall. A policy that drifts towards
-the middle slot (positive for slot 0, negative for slot 2) has not learnt where the lit slot is precisely enough.
+and the plate 12 mm thick, so an offset beyond about 4 mm lands the plate on a wall. Positive is past the slot in
+the direction the plate is carried (from the holder on the left); the episode's median includes the hover time
+before a successful insertion, so it tells how far off the policy dwells, not whether it fails.
 
     python scripts/diagnose_dish.py --skill policies/pretrained/skills/dish_rack --episodes 50
 """
