@@ -559,3 +559,33 @@ def test_evaluate_runs_a_manager_like_a_policy():
     mgr.activate("s1")
     metrics = evaluate(mgr, "robolora/Reach-v0", episodes=1)
     assert metrics["eval/episodes"] == 1 and 1 <= metrics["eval/mean_length"] <= 50
+
+
+@pytest.mark.parametrize("mode", ["bank", "inplace", "unmerged"])
+def test_shipped_adapters_leave_the_shipped_base_as_it_was(mode):
+    """Issue must-show: with both shipped adapters attached, used and detached, the shipped base's outputs (so its
+    base-task success) are bit-identical to before and its fingerprint is unchanged; each adapter is live."""
+    from robolora.demo import probe_batch
+    from robolora.policies import base_fingerprint, load_policy
+    from robolora.recipes import shipped_base
+    from robolora.rollout import shipped_skills_dir
+
+    policy = load_policy(shipped_base())
+    batch = probe_batch(policy.config, batch_size=4)
+    with torch.no_grad():
+        before = policy.predict_chunk(batch)
+    fingerprint = base_fingerprint(policy)
+    manager = SkillManager(policy, mode=mode)
+    for skill in ("wipe", "dish_rack"):
+        manager.load(shipped_skills_dir() / skill)
+    for skill in ("wipe", "dish_rack", None, "dish_rack", "wipe"):
+        manager.activate(skill)
+        with torch.no_grad():
+            out = manager.predict_chunk(batch)
+        assert torch.equal(out, before) == (skill is None), skill
+    manager.detach("wipe")
+    manager.detach("dish_rack")
+    with torch.no_grad():
+        assert torch.equal(manager.predict_chunk(batch), before) and torch.equal(policy.predict_chunk(batch), before)
+    manager.close()
+    assert base_fingerprint(policy) == fingerprint
