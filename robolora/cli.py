@@ -422,7 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train-skill", help="train a new skill on the frozen base: LoRA adapter (or a baseline)",
-                       epilog="example: robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 4")
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "example, the shipped dish_rack recipe (200 demos; 0.78 held-out, README 'The skill "
+                           "table'):\n  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 4 "
+                           "--lr 2e-3 --steps 6000 --n-action-steps 8 \\\n      --targets "
+                           "attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head,proprio_proj\n"
+                           "the shipped wipe recipe is the same with --rank 2 (200 demos; 0.96)"))
     p.add_argument("--data", type=Path, required=True, help="dataset folder of the skill (robolora collect)")
     p.add_argument("--out", type=Path, required=True, help="run folder; the adapter goes to OUT/adapter")
     p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
