@@ -1,17 +1,20 @@
-"""Atomic folder writes: a folder (checkpoint, adapter, bundle) appears complete or not at all.
+"""Atomic writes: a folder (checkpoint, adapter, bundle) or a JSON file appears complete or not at all.
 
 Files are written into a temporary sibling folder which then replaces the destination with ``os.replace``; an old
-folder is moved aside first and deleted only after the new one is in place. Standard library only.
+folder is moved aside first and deleted only after the new one is in place. A JSON file is written to a temporary
+sibling and renamed over the destination. Standard library only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:
@@ -37,3 +40,11 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically (values JSON cannot hold, e.g. paths, as strings)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)

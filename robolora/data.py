@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import Dataset
 
+from robolora.atomic import write_json
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -52,12 +54,6 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(arrays[name]).tobytes())
     return digest.hexdigest()
-
-
-def _write_atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- collection
@@ -239,7 +235,7 @@ def collect(
     finally:
         runner.env.close()
     manifest = _build_manifest(out, runner, task, seed, noise, only_successful, slots, failed, image_size, cameras)
-    _write_atomic_json(out / MANIFEST_NAME, manifest)
+    write_json(out / MANIFEST_NAME, manifest)
     logger.info("collect %s: %d episodes, expert success rate %.3f", runner.env_id, episodes, manifest["success_rate"])
     return manifest
 

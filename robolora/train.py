@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from robolora.atomic import write_json
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "train_state.safetensors"
@@ -166,9 +168,7 @@ def _save_checkpoint(out_dir: Path, step: int, named: list[tuple[str, nn.Paramet
     tmp = out_dir / f".{CHECKPOINT_FILE}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, out_dir / CHECKPOINT_FILE)
-    tmp_meta = out_dir / f".{CHECKPOINT_META}.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, out_dir / CHECKPOINT_META)
+    write_json(out_dir / CHECKPOINT_META, meta)
 
 
 def _load_checkpoint(out_dir: Path, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.AdamW) -> int:

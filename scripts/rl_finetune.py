@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -26,6 +25,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import torch  # noqa: E402
 
+from robolora.atomic import write_json  # noqa: E402
 from robolora.rl import RLConfig, finetune_rl  # noqa: E402
 from robolora.stats import EVAL_SEED  # noqa: E402
 
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                          eval_episodes=args.episodes, eval_seed=args.eval_seed,
                          progress=lambda n, m: logging.info("RL %d env steps: %s", n, m))
     print(table(result))
-    path = args.out / "rl_result.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"argv": sys.argv[1:] if argv is None else argv, **result}, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(args.out / "rl_result.json", {"argv": sys.argv[1:] if argv is None else argv, **result})
     return 0
 
 
