@@ -28,6 +28,7 @@ from typing import Any
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from robolora.atomic import write_json  # noqa: E402
 from robolora.config import LoRAConfig  # noqa: E402
 from robolora.data import collect  # noqa: E402
 from robolora.envs import SKILL_TASKS, TASKS  # noqa: E402
@@ -74,8 +75,16 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps:
                        execution={"n_action_steps": n_action_steps} if n_action_steps else None)
 
 
-def import_cell(work: Path, spec: str, episodes: int) -> tuple[Path, dict]:
-    """Evaluate an adapter or policy folder trained elsewhere and store it as the cell ``SKILL-DEMOS-METHOD``."""
+def save_cell(work: Path, name: str, cell: dict) -> Path:
+    """Store a finished cell as ``<work>/cells/<name>.json`` (atomically: a killed run leaves no half cell)."""
+    path = work / "cells" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, cell)
+    return path
+
+
+def import_cell(work: Path, base: Path, spec: str, episodes: int) -> tuple[Path, dict]:
+    """Evaluate an adapter (on ``base``) or a policy folder trained elsewhere as the cell ``SKILL-DEMOS-METHOD``."""
     from robolora.adapters import attach_for_eval
     from robolora.policies.checkpoint import read_policy_header
 
@@ -89,7 +98,7 @@ def import_cell(work: Path, spec: str, episodes: int) -> tuple[Path, dict]:
     t0 = time.perf_counter()
     if (folder / "adapter.json").exists():
         info = json.loads((folder / "adapter.json").read_text())
-        policy = load_policy(shipped_base())
+        policy = load_policy(base)
         attach_for_eval(policy, folder)
         size = (folder / "adapter.safetensors").stat().st_size
     elif (folder / "config.json").exists():
@@ -112,10 +121,7 @@ def import_cell(work: Path, spec: str, episodes: int) -> tuple[Path, dict]:
     cell = {k: v for k, v in info.items() if k not in ("lora", "layers", "eval", "format", "format_version")}
     cell.update(eval={k: v for k, v in m.items() if k != "episodes"}, size_bytes=size, out=str(folder),
                 imported=True, eval_wall_s=time.perf_counter() - t0)
-    path = work / "cells" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cell, indent=1, default=str))
-    return path, cell
+    return save_cell(work, name, cell), cell
 
 
 def _where(cell: dict) -> str:
@@ -217,20 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}" + (
         f" --n-action-steps {args.n_action_steps}" if args.n_action_steps else "")
     for spec in args.imports:
-        path, cell = import_cell(args.work, spec, args.episodes)
+        path, cell = import_cell(args.work, base, spec, args.episodes)
         print(f"imported {path.stem}: success {cell['eval']['eval/success_rate']:.2f}", flush=True)
     if not args.report_only and not args.imports:
         for skill in args.skills:
             collect(TASKS[skill], max(args.demos), args.work / "data" / skill, seed=0, workers=2)
             for demos in args.demos:
                 for method in args.methods:
-                    path = args.work / "cells" / f"{skill}-{demos}-{method}.json"
-                    if path.exists():
+                    name = f"{skill}-{demos}-{method}"
+                    if (args.work / "cells" / f"{name}.json").exists():
                         continue
                     result = run_cell(args.work, base, skill, demos, method, args.steps, args.episodes,
                                       args.n_action_steps)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(result, indent=1, default=str))
+                    save_cell(args.work, name, result)
                     print(f"{skill} {demos} demos {method}: success {result['eval']['eval/success_rate']:.2f}",
                           flush=True)
                     write_report(args.work, args.md, args.png, command)
