@@ -168,9 +168,8 @@ def _plot(metrics: dict[str, Any], skills: tuple[str, ...], latency: dict[str, f
     keys = [f"rollout/stage{i}/{s}" for i, s in enumerate(skills)] + ["rollout"]
     labels = [f"stage {i + 1}\n{s}" for i, s in enumerate(skills)] + ["overall"]
     rates = [metrics[f"{k}/success_rate"] for k in keys]
-    # clamped at 0: at a rate of 1.0 the Wilson upper bound can come out a rounding error below it
-    err = [[max(0.0, r - metrics[f"{k}/ci_low"]) for r, k in zip(rates, keys)],
-           [max(0.0, metrics[f"{k}/ci_high"] - r) for r, k in zip(rates, keys)]]
+    err = [[r - metrics[f"{k}/ci_low"] for r, k in zip(rates, keys)],
+           [metrics[f"{k}/ci_high"] - r for r, k in zip(rates, keys)]]
     ax1.bar(labels, rates, yerr=err, capsize=4, color=["#4c9be8", "#f0a030", "#50b060"])
     ax1.set_ylim(0, 1.05)
     ax1.set_ylabel("success rate (95% Wilson CI)")

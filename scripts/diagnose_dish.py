@@ -45,10 +45,11 @@ def episode_stage(policy, envs, seed: int) -> tuple[str, int, float]:
     done = False
     while not done:
         obs, _, terminated, truncated, info = envs.step(np.asarray(policy.select_action(obs), dtype=np.float32))
-        offset = env.body_pos("plate") - env.slot_pos
-        if env.grasped("plate") and 0.085 < env.body_pos("plate")[2] < 0.125 and np.all(np.abs(offset[:2]) < 0.04):
+        plate, held = env.body_pos("plate"), env.grasped("plate")
+        offset = plate - env.slot_pos
+        if held and 0.085 < plate[2] < 0.125 and np.all(np.abs(offset[:2]) < 0.04):
             hover.append(1000.0 * float(offset[0]))
-        flags = [env.grasped("plate"), float(env.body_pos("plate")[2]) > start_z + 0.05,
+        flags = [held, float(plate[2]) > start_z + 0.05,
                  abs(offset[0]) < 0.02 and abs(offset[1]) < 0.03, env.plate_in_slot(), bool(info["success"][0])]
         while reached < len(flags) and flags[reached]:
             reached += 1
