@@ -142,12 +142,14 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr else (1e-3 if args.method == "lora" else 3e-4)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0,
                          warmup_steps=min(100, args.steps // 10), seed=args.seed, device=args.device,
-                         checkpoint_every=args.checkpoint_every, augment_shift=args.augment_shift)
+                         checkpoint_every=args.checkpoint_every, augment_shift=args.augment_shift,
+                         eval_every=args.select_every if args.select_episodes else 0)
     bar = Progress(args.steps, f"train-skill {args.method}", not args.json)
     try:
         info = train_skill(resolve_run(args.base, "policy", "config.json"), args.data, args.out, method=args.method,
                            lora=lora, config=config, demos=args.demos, resume=args.resume,
                            eval_episodes=args.eval_episodes, on_step=bar.update_to,
+                           select_episodes=args.select_episodes,
                            execution={"n_action_steps": args.n_action_steps} if args.n_action_steps else None)
     finally:
         bar.close()
@@ -156,6 +158,9 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
                "trainable_%_of_base": round(info["trainable_percent_of_base"], 3),
                "size_kb": round(info["size_bytes"] / 1024, 1), "train_loss": info["train_metrics"]["train/loss"],
                "train_wall_s": round(info["train_metrics"]["train/wall_s"], 1), **info.get("eval", {})}
+    if "selection" in info:
+        summary["selected_step"] = info["selection"]["step"]
+        summary["val_success"] = info["selection"]["success_rate"]
     emit(args, info if args.json else summary)
     return 0
 
@@ -445,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-action-steps", type=int, default=None,
                    help="actions this skill executes per predicted chunk, saved in adapter.json and used whenever "
                         "the skill is active (default: the base's)")
+    p.add_argument("--select-episodes", type=int, default=0,
+                   help="every --select-every steps, roll out on N validation episodes (seeds from 30,000,000) and "
+                        "keep the best step's weights (default 0: keep the last)")
+    p.add_argument("--select-every", type=int, default=500,
+                   help="steps between validation rollouts with --select-episodes (default 500)")
     p.add_argument("--eval-episodes", type=int, default=0, help="evaluate on N held-out episodes at the end")
     _common(p)
     p.set_defaults(func=cmd_train_skill)

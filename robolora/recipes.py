@@ -8,14 +8,17 @@ parameters train, calls :func:`robolora.train.train` and saves the result as saf
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from robolora.adapters import adapter_from_policy, save_adapter, validate_execution
 from robolora.config import LoRAConfig
@@ -23,12 +26,14 @@ from robolora.data import BCDataset, load_manifest
 from robolora.envs import BASE_TASKS, TASKS
 from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
 from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy, save_policy
+from robolora.stats import VALIDATION_SEED
 from robolora.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
 POLICY_DIR = "policy"
 ADAPTER_DIR = "adapter"
+BEST_FILE = "best_state.safetensors"
 SKILL_METHODS = ("lora", "full", "scratch")
 
 
@@ -140,6 +145,56 @@ def _skill_token(policy: VisuomotorPolicy) -> torch.nn.Parameter:
     return torch.nn.Parameter(start)
 
 
+class KeepBest:
+    """Checkpoint selection on validation rollouts (robomimic's practice): called as the training loop's
+    ``eval_fn``, it rolls the policy out on ``episodes`` validation seeds (from ``VALIDATION_SEED``, disjoint from the
+    demos and the held-out seeds) and keeps the trainable weights of the best step so far in ``out_dir/BEST_FILE``.
+
+    Ties go to the later step. The file holds its step and success as safetensors metadata and is replaced
+    atomically, so a killed and resumed run still knows its best step.
+    """
+
+    def __init__(self, policy: torch.nn.Module, env_id: str, out_dir: str | Path, episodes: int) -> None:
+        if episodes < 1:
+            raise ValueError(f"select_episodes={episodes}: must be >= 1 validation episodes (0 turns selection off)")
+        self.env_id, self.episodes, self.path = env_id, episodes, Path(out_dir) / BEST_FILE
+        self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
+        self.best: dict[str, float] | None = None
+        if self.path.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata()
+            self.best = {"step": int(meta["step"]), "success_rate": float(meta["success_rate"])}
+
+    def __call__(self, policy: torch.nn.Module, step: int) -> dict[str, float]:
+        from robolora.evaluate import evaluate
+
+        rate = float(evaluate(policy, self.env_id, self.episodes, seed=VALIDATION_SEED)["eval/success_rate"])
+        if self.best is None or rate >= self.best["success_rate"]:
+            self.best = {"step": step, "success_rate": rate}
+            if int(os.environ.get("RANK", "0")) == 0:
+                params = dict(policy.named_parameters())
+                tensors = {n: params[n].detach().float().cpu().contiguous() for n in self.names}
+                tmp = self.path.with_name(f".{BEST_FILE}.tmp")
+                save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.best.items()})
+                os.replace(tmp, self.path)
+        logger.info("step %d: validation success %.2f (best %.2f at step %d)", step, rate,
+                    self.best["success_rate"], self.best["step"])
+        return {"val/success_rate": rate, "val/best_success_rate": self.best["success_rate"]}
+
+    def restore(self, policy: torch.nn.Module) -> dict[str, Any]:
+        """Load the best step's weights into ``policy``; returns what was selected (for the adapter's metadata)."""
+        if self.best is None:
+            raise RuntimeError("no validation evaluation ran: set TrainConfig.eval_every <= steps")
+        tensors = load_file(str(self.path))
+        params = dict(policy.named_parameters())
+        with torch.no_grad():
+            for name in self.names:
+                params[name].copy_(tensors[name].to(params[name].device, params[name].dtype))
+        return {**self.best, "episodes": self.episodes, "seed": VALIDATION_SEED}
+
+
 def train_skill(
     base: str | Path,
     data_dir: str | Path,
@@ -153,6 +208,7 @@ def train_skill(
     eval_episodes: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     execution: dict[str, Any] | None = None,
+    select_episodes: int = 0,
 ) -> dict[str, Any]:
     """Behaviour-clone a new skill from ``data_dir`` on top of the base checkpoint ``base``.
 
@@ -162,6 +218,8 @@ def train_skill(
     to the first N episodes. ``eval_episodes > 0`` evaluates the result on held-out seeds of the skill's task.
     ``execution`` (e.g. ``{"n_action_steps": 8}``) is how the skill's chunks are executed: used by that evaluation,
     saved in the adapter (``adapter.json`` "execution", applied whenever the skill is active) or the policy config.
+    ``select_episodes > 0`` evaluates every ``config.eval_every`` steps (and at the end) on that many validation
+    episodes and keeps the best step's weights (:class:`KeepBest`); the choice is recorded as "selection".
     Returns training metrics, parameter counts, output path and size, and evaluation metrics.
     """
     if method not in SKILL_METHODS:
@@ -188,15 +246,22 @@ def train_skill(
     counts = count_parameters(policy)
     logger.info("train-skill %s (%s): %d trainable parameters (%.2f%% of the base), %d samples", skill, method,
                 counts["trainable"], 100 * counts["trainable"] / total_base, len(dataset))
-    metrics = train(policy, dataset, config, out_dir, resume=resume, on_step=on_step)
+    if execution:
+        policy.set_execution(**execution)
+    keeper = KeepBest(policy, TASKS[skill], out_dir, select_episodes) if select_episodes else None
+    if keeper is not None and not config.eval_every:
+        config = dataclasses.replace(config, eval_every=config.steps)  # at least the last step is evaluated
+    metrics = train(policy, dataset, config, out_dir, resume=resume, on_step=on_step, eval_fn=keeper)
     policy.cpu().eval()
+    selection = keeper.restore(policy) if keeper is not None else None
     info = {"skill": skill, "method": method, "demos": len(dataset.files), "samples": len(dataset),
             "trainable_params": counts["trainable"], "trainable_percent_of_base": 100 * counts["trainable"] / total_base,
             "base": str(base), "base_fingerprint": fingerprint, "data": str(data_dir),
             "train_config": config.to_dict(), "train_metrics": metrics}
+    if selection is not None:
+        info["selection"] = selection
     if execution:
         info["execution"] = execution
-        policy.set_execution(**execution)
     if eval_episodes:
         from robolora.evaluate import evaluate
 

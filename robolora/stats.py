@@ -9,6 +9,8 @@ import math
 
 # Held-out evaluation seeds start here; demos are collected from seed 0 upwards, so the two never meet.
 EVAL_SEED = 10_000_000
+# Validation seeds (choosing checkpoints, seeds or recipes) start here, so a choice never sees a held-out episode.
+VALIDATION_SEED = 30_000_000
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -99,3 +99,31 @@ def test_baselines_save_whole_policies_with_a_skill_token(base, demos, tmp_path,
     assert info["trainable_percent_of_base"] > 99
     changed = base_fingerprint(policy) != base_fingerprint(load_policy(base))
     assert changed, f"{method} must change the base weights"
+
+
+def test_selection_keeps_the_best_validation_step(base, demos, tmp_path, monkeypatch):
+    import dataclasses
+
+    import robolora.evaluate
+    from robolora.stats import VALIDATION_SEED
+
+    rates, tokens, seeds = iter([0.2, 0.6, 0.4]), {}, []
+
+    def scripted_evaluate(policy, env_id, episodes, *, seed, **kwargs):  # the rollouts' outcome, scripted
+        seeds.append(seed)
+        tokens[len(seeds)] = policy.skill_token.detach().clone()
+        return {"eval/success_rate": next(rates)}
+
+    monkeypatch.setattr(robolora.evaluate, "evaluate", scripted_evaluate)
+    config = dataclasses.replace(FAST, eval_every=2)
+    info = train_skill(base, demos / "dish_rack", tmp_path, method="lora", config=config, select_episodes=3)
+    assert info["selection"] == {"step": 4, "success_rate": 0.6, "episodes": 3, "seed": VALIDATION_SEED}
+    assert seeds == [VALIDATION_SEED] * 3
+    saved = load_adapter(tmp_path / "adapter")
+    assert torch.equal(saved.skill_token, tokens[2]), "the adapter holds step 4's weights"
+    assert not torch.equal(saved.skill_token, tokens[3]), "not the last step's"
+    assert saved.metadata["selection"]["step"] == 4
+    from robolora.recipes import KeepBest
+
+    resumed = KeepBest(load_policy(base), "robolora/DishRack-v0", tmp_path, 3)  # a resumed run knows its best
+    assert resumed.best == {"step": 4, "success_rate": 0.6}
