@@ -257,7 +257,8 @@ def train_skill(
     info = {"skill": skill, "method": method, "demos": len(dataset.files), "samples": len(dataset),
             "trainable_params": counts["trainable"], "trainable_percent_of_base": 100 * counts["trainable"] / total_base,
             "base": str(base), "base_fingerprint": fingerprint, "data": str(data_dir),
-            "train_config": config.to_dict(), "train_metrics": metrics}
+            "data_noise": load_manifest(data_dir).get("noise"), "train_config": config.to_dict(),
+            "train_metrics": metrics}
     if selection is not None:
         info["selection"] = selection
     if execution:

@@ -3,12 +3,14 @@
 Usage:
     python scripts/skill_table.py --work runs/skill_table                       # every cell (hours on 2 CPU cores)
     python scripts/skill_table.py --work runs/skill_table --skills dish_rack --demos 50 --methods lora_r4 full
+    python scripts/skill_table.py --work runs/skill_table --noise 0.05 --select-episodes 20 --demos 50
     python scripts/skill_table.py --work runs/skill_table --report-only         # rewrite the table from done cells
     python scripts/skill_table.py --work runs/skill_table --import dish_rack-200-full=RUN/policy   # trained elsewhere
 
-Each cell (skill, demo budget, method) trains with `robolora.recipes.train_skill`, evaluates on 50 held-out
-episodes and stores its result as ``<work>/cells/<skill>-<demos>-<method>.json``; finished cells are skipped, so
-the table can be filled over several runs. The table goes to ``docs/skill_table.md`` and the plot to
+Each cell (skill, demo budget, method, demo noise) trains with `robolora.recipes.train_skill` on the first N demos
+recorded with that expert action noise (default: the expert's), evaluates on 50 held-out episodes and stores its
+result as ``<cells>/<skill>-<demos>-<method>-noise<sigma>.json`` (committed, ``docs/skill_table_cells`` by default);
+finished cells are skipped, so the table can be filled over several runs. Demos and runs go under ``--work``. The table goes to ``docs/skill_table.md`` and the plot to
 ``docs/skill_table.png``; cells of the issue's budgets (10, 25, 50 demos) not run yet show as "not run", larger
 budgets only when run. ``--import CELL=ARTIFACT`` adds a cell trained elsewhere (e.g. on a GPU machine with
 ``robolora train-skill``): it reads the adapter or policy folder's metadata, evaluates it here on the same held-out
@@ -31,7 +33,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 from robolora.atomic import write_json  # noqa: E402
 from robolora.config import LoRAConfig  # noqa: E402
 from robolora.data import collect  # noqa: E402
-from robolora.envs import SKILL_TASKS, TASKS  # noqa: E402
+from robolora.envs import SKILL_TASKS, TASKS, make, make_expert  # noqa: E402
 from robolora.evaluate import evaluate  # noqa: E402
 from robolora.policies import load_policy  # noqa: E402
 from robolora.recipes import shipped_base, train_skill  # noqa: E402
@@ -54,10 +56,27 @@ BUDGETS = (10, 25, 50)
 EXTRA = ("lora_r4_all", "lora_r4_mlp_only")  # not in a default run (asked for with --methods or imported)
 
 
-def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps: int, episodes: int,
-             n_action_steps: int | None = None) -> dict:
+def default_noise(skill: str) -> float:
+    """The skill's scripted-expert action noise, what ``robolora collect`` uses without --noise."""
+    env = make(skill)
+    try:
+        return float(make_expert(env).default_noise)
+    finally:
+        env.close()
+
+
+def data_dir(work: Path, skill: str, noise: float) -> Path:
+    return work / "data" / f"{skill}-noise{noise:g}"
+
+
+def cell_name(skill: str, demos: int, method: str, noise: float) -> str:
+    return f"{skill}-{demos}-{method}-noise{noise:g}"
+
+
+def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise: float, steps: int, episodes: int,
+             n_action_steps: int | None = None, select_episodes: int = 0) -> dict:
     recipe, rank, lr, targets = METHODS[method]
-    data = work / "data" / skill
+    data = data_dir(work, skill, noise)
     if recipe is None:  # the frozen base as it ships: no training, task id 0 (it has no id for the skill)
         t0 = time.perf_counter()
         policy = load_policy(base)
@@ -68,23 +87,25 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, steps:
                 "trainable_percent_of_base": 0.0, "size_bytes": 0, "train_metrics": {"train/wall_s": 0.0},
                 "eval_wall_s": time.perf_counter() - t0}
     config = TrainConfig(steps=steps, batch_size=64, lr=lr, weight_decay=0.0, warmup_steps=min(100, steps // 10),
-                         checkpoint_every=250)
+                         checkpoint_every=250, eval_every=max(1, steps // 6) if select_episodes else 0)
     lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4), targets=targets or ATTN)
-    return train_skill(base, data, work / "runs" / f"{skill}-{demos}-{method}", method=recipe, lora=lora,
-                       config=config, demos=demos, resume=True, eval_episodes=episodes,
+    return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise), method=recipe, lora=lora,
+                       config=config, demos=demos, resume=True, eval_episodes=episodes, select_episodes=select_episodes,
                        execution={"n_action_steps": n_action_steps} if n_action_steps else None)
 
 
-def save_cell(work: Path, name: str, cell: dict) -> Path:
-    """Store a finished cell as ``<work>/cells/<name>.json`` (atomically: a killed run leaves no half cell)."""
-    path = work / "cells" / f"{name}.json"
+def save_cell(cells: Path, skill: str, demos: int, method: str, noise: float, cell: dict) -> Path:
+    """Store a finished cell as ``<cells>/<name>.json`` (atomically: a killed run leaves no half cell)."""
+    path = cells / f"{cell_name(skill, demos, method, noise)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, cell)
+    write_json(path, {**cell, "table": {"skill": skill, "demos": demos, "method": method, "noise": noise}})
     return path
 
 
-def import_cell(work: Path, base: Path, spec: str, episodes: int) -> tuple[Path, dict]:
-    """Evaluate an adapter (on ``base``) or a policy folder trained elsewhere as the cell ``SKILL-DEMOS-METHOD``."""
+def import_cell(cells: Path, base: Path, spec: str, episodes: int, noise: float | None) -> tuple[Path, dict]:
+    """Evaluate an adapter (on ``base``) or a policy folder trained elsewhere as the cell ``SKILL-DEMOS-METHOD``.
+
+    The demo noise is the artifact's recorded ``data_noise``, else ``noise``, else the expert's default."""
     from robolora.adapters import attach_for_eval
     from robolora.policies.checkpoint import read_policy_header
 
@@ -117,11 +138,15 @@ def import_cell(work: Path, base: Path, spec: str, episodes: int) -> tuple[Path,
         if (lora.get("rank"), set(lora.get("targets", ()))) != (rank, set(targets)):
             raise SystemExit(f"--import {spec!r}: the adapter has rank {lora.get('rank')} on {lora.get('targets')}; "
                              f"{method} means rank {rank} on {list(targets)}")
+    recorded = info.get("data_noise")
+    if recorded is not None and noise is not None and float(recorded) != noise:
+        raise SystemExit(f"--import {spec!r}: {folder} was trained on demos with noise {recorded}, not --noise {noise}")
+    noise = float(recorded) if recorded is not None else noise if noise is not None else default_noise(skill)
     m = evaluate(policy, TASKS[skill], episodes)
     cell = {k: v for k, v in info.items() if k not in ("lora", "layers", "eval", "format", "format_version")}
     cell.update(eval={k: v for k, v in m.items() if k != "episodes"}, size_bytes=size, out=str(folder),
                 imported=True, eval_wall_s=time.perf_counter() - t0)
-    return save_cell(work, name, cell), cell
+    return save_cell(cells, skill, demos, method, noise, cell), cell
 
 
 def _where(cell: dict) -> str:
@@ -129,35 +154,49 @@ def _where(cell: dict) -> str:
     return " (GPU)" if cell.get("train_config", {}).get("device") == "cuda" else ""
 
 
-def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
+def _steps(cell: dict) -> str:
+    """The training steps, and which step was kept when the checkpoint was chosen on validation episodes."""
+    steps = cell.get("train_config", {}).get("steps")
+    chosen = cell.get("selection")
+    return "-" if steps is None else f"{steps} (best: {chosen['step']})" if chosen else str(steps)
+
+
+def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None:
+    done = {}
+    for path in sorted(cells.glob("*.json")):
+        cell = json.loads(path.read_text())
+        t = cell["table"]
+        done[(t["skill"], t["demos"], t["method"], float(t["noise"]))] = cell
+    budgets = sorted(set(BUDGETS) | {demos for _, demos, _, _ in done})
     rows: list[dict[str, Any]] = []
-    found = {int(p.stem.rsplit("-", 2)[1]) for p in (work / "cells").glob("*-*-*.json")
-             if p.stem.rsplit("-", 2)[1].isdigit()}
-    budgets = sorted(set(BUDGETS) | found)
     for skill in SKILL_TASKS:
-        for demos in budgets:
-            for method in METHODS:
-                path = work / "cells" / f"{skill}-{demos}-{method}.json"
-                cell = json.loads(path.read_text()) if path.exists() else None
-                if cell is not None or (demos in BUDGETS and method not in EXTRA):  # otherwise: only cells run
-                    rows.append({"skill": skill, "demos": demos, "method": method, "cell": cell})
-    lines = ["| skill | demos | method | success (50 eps) | 95% interval | trainable params (% of base) | file size |"
-             " steps | training time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        noises = sorted({n for s, _, _, n in done if s == skill} | {default_noise(skill)})
+        for noise in noises:
+            for demos in budgets:
+                for method in METHODS:
+                    cell = done.get((skill, demos, method, noise))
+                    # not-run rows only where the issue asks: its budgets, the default methods, the expert's noise
+                    if cell is not None or (demos in BUDGETS and method not in EXTRA and noise == default_noise(skill)):
+                        rows.append({"skill": skill, "demos": demos, "method": method, "noise": noise, "cell": cell})
+    lines = ["| skill | demo noise | demos | method | success (50 eps) | 95% interval | trainable params (% of base) |"
+             " file size | steps | training time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r["cell"]
+        head = f"| {r['skill']} | {r['noise']:g} | {r['demos']} | {r['method']} |"
         if c is None:
-            lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | not run | | | | | |")
+            lines.append(f"{head} not run | | | | | |")
             continue
         e = c["eval"]
         size = f"{c['size_bytes'] / 1024:.0f} KB" if c["size_bytes"] else "-"
-        lines.append(f"| {r['skill']} | {r['demos']} | {r['method']} | {e['eval/success_rate']:.2f} | "
-                     f"[{e['eval/ci_low']:.2f}, {e['eval/ci_high']:.2f}] | {c['trainable_params']:,} "
-                     f"({c['trainable_percent_of_base']:.2f}%) | {size} | {c.get('train_config', {}).get('steps', '-')} | "
+        lines.append(f"{head} {e['eval/success_rate']:.2f} | [{e['eval/ci_low']:.2f}, {e['eval/ci_high']:.2f}] | "
+                     f"{c['trainable_params']:,} ({c['trainable_percent_of_base']:.2f}%) | {size} | {_steps(c)} | "
                      f"{c['train_metrics']['train/wall_s']:.0f} s{_where(c)} |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    caveat = ("Each trained cell: the listed steps of batch 64 on the first N demos (seeds from 0), evaluated on 50 "
-              "held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted chunk (the base's "
-              "4 when not given); frozen = the base with task id 0. Training time is wall-clock on the "
+    caveat = ("Each trained cell: the listed steps of batch 64 on the first N demos (seeds from 0) recorded with "
+              "the given expert action noise (std, in action units; DART: clean labels, noisy execution), "
+              "evaluated on 50 held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted "
+              "chunk (the base's 4 when not given); frozen = the base with task id 0. 'best: S' = the step kept "
+              "after rollouts on validation seeds (from 30,000,000) every steps/6 steps. Training time is wall-clock on the "
               "shared 2-core machine with up to four jobs running at once, so it measures the run, not the method; "
               "(GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "
               "sharing it, and evaluated on the CPU.")
@@ -169,16 +208,19 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
 
     fig, axes = plt.subplots(1, len(SKILL_TASKS), figsize=(6 * len(SKILL_TASKS), 4), sharey=True)
     for ax, skill in zip(axes, SKILL_TASKS):
+        noises = sorted({r["noise"] for r in rows if r["skill"] == skill and r["cell"]}, reverse=True)
         for i, method in enumerate(METHODS):
-            pts = [(r["demos"], r["cell"]["eval"]) for r in rows
-                   if r["skill"] == skill and r["method"] == method and r["cell"]]
-            if not pts:
-                continue
-            x = [d * 1.04 ** (i - len(METHODS) / 2) for d, _ in pts]  # side by side on the log axis
-            y = [e["eval/success_rate"] for _, e in pts]
-            err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)], [e["eval/ci_high"] - v for v, (_, e) in
-                                                                          zip(y, pts)]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method, color=f"C{i}")  # one colour per method
+            for j, noise in enumerate(noises):  # one colour per method; solid = the lowest noise, dashed = higher
+                pts = [(r["demos"], r["cell"]["eval"]) for r in rows
+                       if r["skill"] == skill and r["method"] == method and r["noise"] == noise and r["cell"]]
+                if not pts:
+                    continue
+                x = [d * 1.04 ** (i - len(METHODS) / 2) for d, _ in pts]  # side by side on the log axis
+                y = [e["eval/success_rate"] for _, e in pts]
+                err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)],
+                       [e["eval/ci_high"] - v for v, (_, e) in zip(y, pts)]]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method}, noise {noise:g}", color=f"C{i}",
+                            linestyle="-" if j == len(noises) - 1 else "--", alpha=1.0 if j == len(noises) - 1 else 0.6)
         ax.set_title(skill)
         ax.set_xlabel("demos")
         ax.set_xscale("log")
@@ -188,12 +230,8 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
-    labels = {}  # every method that appears in any panel, in METHODS order
     for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            labels.setdefault(label, handle)
-    ordered = [m for m in METHODS if m in labels]
-    axes[-1].legend([labels[m] for m in ordered], ordered, loc="lower right")
+        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
@@ -201,15 +239,21 @@ def write_report(work: Path, out_md: Path, out_png: Path, command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="folder for data, runs and cell results")
+    parser.add_argument("--work", type=Path, required=True, help="folder for demos and training runs")
+    parser.add_argument("--cells", type=Path, default=Path("docs/skill_table_cells"),
+                        help="folder of finished cells, one JSON each (default docs/skill_table_cells, committed)")
     parser.add_argument("--base", type=Path, default=None, help="base checkpoint (default: the shipped base)")
     parser.add_argument("--skills", nargs="+", default=list(SKILL_TASKS))
     parser.add_argument("--demos", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in EXTRA], choices=list(METHODS),
                         help=f"default: all but {', '.join(EXTRA)}")
+    parser.add_argument("--noise", type=float, default=None,
+                        help="expert action noise of the demos (default: each skill expert's)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per cell (default 3000)")
     parser.add_argument("--n-action-steps", type=int, default=None,
                         help="chunk execution of every cell's policy (default: the base's)")
+    parser.add_argument("--select-episodes", type=int, default=0,
+                        help="keep the best of 6 checkpoints on N validation episodes (default 0: the last)")
     parser.add_argument("--episodes", type=int, default=50, help="held-out evaluation episodes (default 50)")
     parser.add_argument("--md", type=Path, default=Path("docs/skill_table.md"))
     parser.add_argument("--png", type=Path, default=Path("docs/skill_table.png"))
@@ -223,23 +267,23 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}" + (
         f" --n-action-steps {args.n_action_steps}" if args.n_action_steps else "")
     for spec in args.imports:
-        path, cell = import_cell(args.work, base, spec, args.episodes)
+        path, cell = import_cell(args.cells, base, spec, args.episodes, args.noise)
         print(f"imported {path.stem}: success {cell['eval']['eval/success_rate']:.2f}", flush=True)
     if not args.report_only and not args.imports:
         for skill in args.skills:
-            collect(TASKS[skill], max(args.demos), args.work / "data" / skill, seed=0, workers=2)
+            noise = default_noise(skill) if args.noise is None else args.noise
+            collect(TASKS[skill], max(args.demos), data_dir(args.work, skill, noise), seed=0, noise=noise, workers=2)
             for demos in args.demos:
                 for method in args.methods:
-                    name = f"{skill}-{demos}-{method}"
-                    if (args.work / "cells" / f"{name}.json").exists():
+                    if (args.cells / f"{cell_name(skill, demos, method, noise)}.json").exists():
                         continue
-                    result = run_cell(args.work, base, skill, demos, method, args.steps, args.episodes,
-                                      args.n_action_steps)
-                    save_cell(args.work, name, result)
-                    print(f"{skill} {demos} demos {method}: success {result['eval']['eval/success_rate']:.2f}",
-                          flush=True)
-                    write_report(args.work, args.md, args.png, command)
-    write_report(args.work, args.md, args.png, command)
+                    result = run_cell(args.work, base, skill, demos, method, noise, args.steps, args.episodes,
+                                      args.n_action_steps, args.select_episodes)
+                    save_cell(args.cells, skill, demos, method, noise, result)
+                    print(f"{skill} {demos} demos {method} noise {noise:g}: success "
+                          f"{result['eval']['eval/success_rate']:.2f}", flush=True)
+                    write_report(args.cells, args.md, args.png, command)
+    write_report(args.cells, args.md, args.png, command)
     print(args.md.read_text())
     return 0
 
