@@ -110,6 +110,7 @@ class DishRackExpert(Expert):
     """
 
     default_noise = 0.2
+    quiet_phases = frozenset({"align", "insert", "release"})
     initial_phase = "above"
     grasp_depth = 0.02  # tcp this far below the plate's top rim
 

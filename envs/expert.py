@@ -4,7 +4,9 @@ TASKS.md "Scripted experts and demo diversity": each expert is a small phase mac
 state (body positions, joint q) driving the mocap with a P-controller, a speed cap in contact phases and a
 reactive fallback in every phase. Diversity comes from a per-episode gain and waypoint jitter sampled in
 :meth:`Expert.reset`, and from per-step Gaussian action noise added by :meth:`Expert.perturb` (DART, Laskey et al.
-2017: label the demo with the clean action, execute the perturbed one, so demos contain recoveries).
+2017: label the demo with the clean action, execute the perturbed one, so demos contain recoveries). An expert's
+``quiet_phases`` execute clean: dish_rack's slot alignment, where noise only makes the expert land on a wall and
+back out, so its demos showed two different actions from the same place (README "Demo noise").
 
 Subclass contract: implement ``_plan()`` (sample per-episode jitter from ``self.rng``; called by ``reset``) and
 ``_act() -> (xyz_command (3,), grip)`` which reads ``self.env`` state, updates ``self.phase`` and returns the
@@ -35,6 +37,9 @@ class Expert:
     """
 
     default_noise: ClassVar[float] = 0.15
+    # Phases whose actions are executed without noise: where the perturbation only makes the expert fail and back
+    # out (a different action from the same state), which a behaviour-cloned policy averages instead of copying.
+    quiet_phases: ClassVar[frozenset[str]] = frozenset()
     gain_range: ClassVar[tuple[float, float]] = (0.7, 1.0)  # P gain in action units per 2 cm of error
     initial_phase: ClassVar[str] = "start"
 
@@ -59,9 +64,14 @@ class Expert:
         return np.clip(np.append(move, grip), -1.0, 1.0).astype(np.float32)
 
     def perturb(self, clean: np.ndarray, noise: float) -> np.ndarray:
-        """The executed action: ``clean`` plus seeded Gaussian noise of std ``noise``, clipped to [-1, 1]."""
+        """The executed action: ``clean`` plus seeded Gaussian noise of std ``noise``, clipped to [-1, 1].
+
+        In :attr:`quiet_phases` the noise is still drawn (the rng stays in step) but not added.
+        """
         if noise < 0:
             raise ValueError(f"noise={noise} must be >= 0 (std of the Gaussian action noise)")
+        if self.phase in self.quiet_phases:
+            noise = 0.0
         executed = np.asarray(clean, dtype=np.float64) + self.rng.normal(0.0, noise, size=4)
         return np.clip(executed, -1.0, 1.0).astype(np.float32)
 

@@ -74,6 +74,9 @@ class _EpisodeRunner:
         probe = make_expert(self.env, seed=0)
         self.default_noise = float(probe.default_noise)
         self.expert_name = type(probe).__name__
+        # The phases the expert executes without noise change what its demos show, so they are part of the
+        # settings a resumed folder must match (recorded only where there are any, so older folders stay valid).
+        self.quiet_phases = ",".join(sorted(getattr(probe, "quiet_phases", ())))
 
     def run(self, seed: int, noise: float) -> dict[str, np.ndarray]:
         obs, info = self.env.reset(seed=seed)
@@ -106,6 +109,8 @@ class _EpisodeRunner:
                 "success": str(int(success)), "image_size": str(self.image_size),
                 "cameras": ",".join(self.cameras), "sha256": _checksum(arrays),
             }
+            if self.quiet_phases:
+                metadata["quiet_phases"] = self.quiet_phases
             staged = Path(stage_dir) / f".staged_seed{seed}.tmp-{os.getpid()}"
             save_file(arrays, str(staged), metadata=metadata)
             result["staged"] = str(staged)
@@ -208,6 +213,8 @@ def collect(
         episodes = held
     expected = {"env_id": runner.env_id, "noise": repr(noise), "image_size": str(image_size),
                 "cameras": ",".join(cameras)}
+    if runner.quiet_phases:
+        expected["quiet_phases"] = runner.quiet_phases
     slots: dict[int, int] = {}
     for index in range(episodes):
         path = out / episode_filename(index)
@@ -339,6 +346,7 @@ def _build_manifest(out: Path, runner: _EpisodeRunner, task: str, seed: int, noi
     return {
         "format_version": FORMAT_VERSION, "env_id": runner.env_id, "task": task, "image_size": image_size,
         "cameras": list(cameras), "seed": seed, "noise": noise, "expert": runner.expert_name,
+        "quiet_phases": runner.quiet_phases.split(",") if runner.quiet_phases else [],
         "only_successful": only_successful, "episodes": entries, "failed_seeds": sorted(failed),
         "success_rate": successes / (len(entries) + len(failed)),
         "stats": {

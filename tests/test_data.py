@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import robolora.envs
 from robolora.data import BCDataset, collect, episode_filename, load_manifest
@@ -187,3 +187,15 @@ def test_clear_errors_for_non_datasets_and_corrupt_files(reach_set: Path, tmp_pa
         BCDataset([tmp_path], chunk_size=8)
     with pytest.raises(ValueError, match="episodes must be >= 1"):
         collect(ENV, 0, tmp_path / "x")
+
+
+def test_quiet_phases_are_recorded_and_an_older_expert_folder_is_refused(tmp_path: Path) -> None:
+    manifest = collect("robolora/DishRack-v0", 1, tmp_path, seed=0)
+    assert manifest["quiet_phases"] == ["align", "insert", "release"]
+    path = tmp_path / episode_filename(0)
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "quiet_phases"}
+    save_file(arrays, str(path), metadata=metadata)  # as recorded before dish_rack's expert had quiet phases
+    with pytest.raises(ValueError, match="quiet_phases"):
+        collect("robolora/DishRack-v0", 2, tmp_path, seed=0)

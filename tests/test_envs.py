@@ -225,3 +225,20 @@ def test_expert_perturb_is_seeded_and_clipped() -> None:
     assert noisy.dtype == np.float32 and np.all(np.abs(noisy) <= 1.0) and not np.array_equal(noisy, clean)
     assert np.all(np.abs(a.perturb(np.ones(4, np.float32), 5.0)) <= 1.0)
     env.close()
+
+
+def test_quiet_phases_execute_the_clean_action_and_keep_the_noise_stream() -> None:
+    env = make("dish_rack")
+    env.reset(seed=3)
+    quiet, noisy = make_expert(env, seed=3), make_expert(env, seed=3)
+    quiet.reset()
+    noisy.reset()
+    assert {"align", "insert"} <= quiet.quiet_phases, "dish_rack's expert keeps its slot alignment noise-free"
+    assert "carry" not in quiet.quiet_phases
+    clean = np.array([0.1, -0.2, 0.3, 1.0], np.float32)
+    quiet.phase, noisy.phase = "align", "carry"
+    np.testing.assert_array_equal(quiet.perturb(clean, 0.5), clean)
+    assert not np.array_equal(noisy.perturb(clean, 0.5), clean)
+    quiet.phase = "carry"  # the quiet step drew its noise too: both experts' next noisy actions agree
+    np.testing.assert_array_equal(quiet.perturb(clean, 0.5), noisy.perturb(clean, 0.5))
+    env.close()
