@@ -232,6 +232,7 @@ def train_skill(
     fingerprint = base_fingerprint(policy)
     total_base = sum(p.numel() for p in policy.parameters())
     dataset = BCDataset([data_dir], chunk_size=policy.config.chunk_size, task_ids={skill: 0}, max_episodes=demos)
+    manifest = load_manifest(data_dir)
     torch.manual_seed(config.seed)
     if method == "scratch":
         policy = VisuomotorPolicy(policy.config)
@@ -257,7 +258,8 @@ def train_skill(
     info = {"skill": skill, "method": method, "demos": len(dataset.files), "samples": len(dataset),
             "trainable_params": counts["trainable"], "trainable_percent_of_base": 100 * counts["trainable"] / total_base,
             "base": str(base), "base_fingerprint": fingerprint, "data": str(data_dir),
-            "data_noise": load_manifest(data_dir).get("noise"), "train_config": config.to_dict(),
+            "data_noise": manifest.get("noise"), "data_quiet_phases": manifest.get("quiet_phases", []),
+            "train_config": config.to_dict(),
             "train_metrics": metrics}
     if selection is not None:
         info["selection"] = selection

@@ -7,9 +7,9 @@ Usage:
     python scripts/skill_table.py --work runs/skill_table --report-only         # rewrite the table from done cells
     python scripts/skill_table.py --work runs/skill_table --import dish_rack-200-full=RUN/policy   # trained elsewhere
 
-Each cell (skill, demo budget, method, demo noise) trains with `robolora.recipes.train_skill` on the first N demos
+Each cell (skill, demo budget, method, how the demos were recorded) trains with `robolora.recipes.train_skill` on the first N demos
 recorded with that expert action noise (default: the expert's), evaluates on 50 held-out episodes and stores its
-result as ``<cells>/<skill>-<demos>-<method>-noise<sigma>.json`` (committed, ``docs/skill_table_cells`` by default);
+result as ``<cells>/<skill>-<demos>-<method>-noise<sigma>[q].json`` (q: quiet phases) (committed, ``docs/skill_table_cells`` by default);
 finished cells are skipped, so the table can be filled over several runs. Demos and runs go under ``--work``. The table goes to ``docs/skill_table.md`` and the plot to
 ``docs/skill_table.png``; cells of the issue's budgets (10, 25, 50 demos) not run yet show as "not run", larger
 budgets only when run. ``--import CELL=ARTIFACT`` adds a cell trained elsewhere (e.g. on a GPU machine with
@@ -56,27 +56,33 @@ BUDGETS = (10, 25, 50)
 EXTRA = ("lora_r4_all", "lora_r4_mlp_only")  # not in a default run (asked for with --methods or imported)
 
 
-def default_noise(skill: str) -> float:
-    """The skill's scripted-expert action noise, what ``robolora collect`` uses without --noise."""
+def expert_recording(skill: str) -> tuple[float, bool]:
+    """How ``robolora collect`` records the skill's demos today: (default action noise, whether some phases are
+    executed without noise, see ``Expert.quiet_phases``)."""
     env = make(skill)
     try:
-        return float(make_expert(env).default_noise)
+        expert = make_expert(env)
+        return float(expert.default_noise), bool(expert.quiet_phases)
     finally:
         env.close()
 
 
-def data_dir(work: Path, skill: str, noise: float) -> Path:
-    return work / "data" / f"{skill}-noise{noise:g}"
+def tag(noise: float, quiet: bool) -> str:
+    return f"noise{noise:g}" + ("q" if quiet else "")
 
 
-def cell_name(skill: str, demos: int, method: str, noise: float) -> str:
-    return f"{skill}-{demos}-{method}-noise{noise:g}"
+def data_dir(work: Path, skill: str, noise: float, quiet: bool) -> Path:
+    return work / "data" / f"{skill}-{tag(noise, quiet)}"
 
 
-def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise: float, steps: int, episodes: int,
-             n_action_steps: int | None = None, select_episodes: int = 0) -> dict:
+def cell_name(skill: str, demos: int, method: str, noise: float, quiet: bool) -> str:
+    return f"{skill}-{demos}-{method}-{tag(noise, quiet)}"
+
+
+def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise: float, quiet: bool, steps: int,
+             episodes: int, n_action_steps: int | None = None, select_episodes: int = 0) -> dict:
     recipe, rank, lr, targets = METHODS[method]
-    data = data_dir(work, skill, noise)
+    data = data_dir(work, skill, noise, quiet)
     if recipe is None:  # the frozen base as it ships: no training, task id 0 (it has no id for the skill)
         t0 = time.perf_counter()
         policy = load_policy(base)
@@ -89,23 +95,26 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise:
     config = TrainConfig(steps=steps, batch_size=64, lr=lr, weight_decay=0.0, warmup_steps=min(100, steps // 10),
                          checkpoint_every=250, eval_every=max(1, steps // 6) if select_episodes else 0)
     lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4), targets=targets or ATTN)
-    return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise), method=recipe, lora=lora,
+    return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise, quiet), method=recipe, lora=lora,
                        config=config, demos=demos, resume=True, eval_episodes=episodes, select_episodes=select_episodes,
                        execution={"n_action_steps": n_action_steps} if n_action_steps else None)
 
 
-def save_cell(cells: Path, skill: str, demos: int, method: str, noise: float, cell: dict) -> Path:
+def save_cell(cells: Path, skill: str, demos: int, method: str, noise: float, quiet: bool, cell: dict) -> Path:
     """Store a finished cell as ``<cells>/<name>.json`` (atomically: a killed run leaves no half cell)."""
-    path = cells / f"{cell_name(skill, demos, method, noise)}.json"
+    path = cells / f"{cell_name(skill, demos, method, noise, quiet)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {**cell, "table": {"skill": skill, "demos": demos, "method": method, "noise": noise}})
+    write_json(path, {**cell, "table": {"skill": skill, "demos": demos, "method": method, "noise": noise,
+                                        "quiet": quiet}})
     return path
 
 
-def import_cell(cells: Path, base: Path, spec: str, episodes: int, noise: float | None) -> tuple[Path, dict]:
+def import_cell(cells: Path, base: Path, spec: str, episodes: int, noise: float | None,
+                quiet: bool | None) -> tuple[Path, dict]:
     """Evaluate an adapter (on ``base``) or a policy folder trained elsewhere as the cell ``SKILL-DEMOS-METHOD``.
 
-    The demo noise is the artifact's recorded ``data_noise``, else ``noise``, else the expert's default."""
+    How its demos were recorded: the artifact's ``data_noise`` / ``data_quiet_phases``, else ``noise`` / ``quiet``,
+    else the expert's defaults today."""
     from robolora.adapters import attach_for_eval
     from robolora.policies.checkpoint import read_policy_header
 
@@ -141,12 +150,16 @@ def import_cell(cells: Path, base: Path, spec: str, episodes: int, noise: float 
     recorded = info.get("data_noise")
     if recorded is not None and noise is not None and float(recorded) != noise:
         raise SystemExit(f"--import {spec!r}: {folder} was trained on demos with noise {recorded}, not --noise {noise}")
-    noise = float(recorded) if recorded is not None else noise if noise is not None else default_noise(skill)
+    default = expert_recording(skill)
+    noise = float(recorded) if recorded is not None else noise if noise is not None else default[0]
+    if "data_quiet_phases" in info:
+        quiet = bool(info["data_quiet_phases"])
+    quiet = default[1] if quiet is None else quiet
     m = evaluate(policy, TASKS[skill], episodes)
     cell = {k: v for k, v in info.items() if k not in ("lora", "layers", "eval", "format", "format_version")}
     cell.update(eval={k: v for k, v in m.items() if k != "episodes"}, size_bytes=size, out=str(folder),
                 imported=True, eval_wall_s=time.perf_counter() - t0)
-    return save_cell(cells, skill, demos, method, noise, cell), cell
+    return save_cell(cells, skill, demos, method, noise, quiet, cell), cell
 
 
 def _where(cell: dict) -> str:
@@ -161,28 +174,36 @@ def _steps(cell: dict) -> str:
     return "-" if steps is None else f"{steps} (best: {chosen['step']})" if chosen else str(steps)
 
 
+def _recording(recording: tuple[float, bool]) -> str:
+    noise, quiet = recording
+    return f"noise {noise:g}" + (", clean alignment" if quiet else "")
+
+
 def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None:
     done = {}
     for path in sorted(cells.glob("*.json")):
         cell = json.loads(path.read_text())
         t = cell["table"]
-        done[(t["skill"], t["demos"], t["method"], float(t["noise"]))] = cell
+        done[(t["skill"], t["demos"], t["method"], (float(t["noise"]), bool(t.get("quiet", False))))] = cell
     budgets = sorted(set(BUDGETS) | {demos for _, demos, _, _ in done})
     rows: list[dict[str, Any]] = []
     for skill in SKILL_TASKS:
-        noises = sorted({n for s, _, _, n in done if s == skill} | {default_noise(skill)})
-        for noise in noises:
+        default = expert_recording(skill)
+        recordings = sorted({r for s, _, _, r in done if s == skill} | {default}, key=lambda r: (not r[1], -r[0]))
+        for recording in recordings:
             for demos in budgets:
                 for method in METHODS:
-                    cell = done.get((skill, demos, method, noise))
-                    # not-run rows only where the issue asks: its budgets, the default methods, the expert's noise
-                    if cell is not None or (demos in BUDGETS and method not in EXTRA and noise == default_noise(skill)):
-                        rows.append({"skill": skill, "demos": demos, "method": method, "noise": noise, "cell": cell})
-    lines = ["| skill | demo noise | demos | method | success (50 eps) | 95% interval | trainable params (% of base) |"
-             " file size | steps | training time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                    cell = done.get((skill, demos, method, recording))
+                    # not-run rows only where the issue asks: its budgets, default methods, demos as recorded today
+                    if cell is not None or (demos in BUDGETS and method not in EXTRA and recording == default):
+                        rows.append({"skill": skill, "demos": demos, "method": method, "noise": recording,
+                                     "cell": cell})
+    lines = ["| skill | demos recorded with | demos | method | success (50 eps) | 95% interval |"
+             " trainable params (% of base) | file size | steps | training time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r["cell"]
-        head = f"| {r['skill']} | {r['noise']:g} | {r['demos']} | {r['method']} |"
+        head = f"| {r['skill']} | {_recording(r['noise'])} | {r['demos']} | {r['method']} |"
         if c is None:
             lines.append(f"{head} not run | | | | | |")
             continue
@@ -193,7 +214,9 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
                      f"{c['train_metrics']['train/wall_s']:.0f} s{_where(c)} |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     caveat = ("Each trained cell: the listed steps of batch 64 on the first N demos (seeds from 0) recorded with "
-              "the given expert action noise (std, in action units; DART: clean labels, noisy execution), "
+              "the given expert action noise (std, in action units; DART: clean labels, noisy execution; 'clean "
+              "alignment': the dish_rack expert's align/insert/release phases executed without noise, its "
+              "default since this table's noise column was added), "
               "evaluated on 50 held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted "
               "chunk (the base's 4 when not given); frozen = the base with task id 0. 'best: S' = the step kept "
               "after rollouts on validation seeds (from 30,000,000) every steps/6 steps. Training time is wall-clock on the "
@@ -208,9 +231,10 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
 
     fig, axes = plt.subplots(1, len(SKILL_TASKS), figsize=(6 * len(SKILL_TASKS), 4), sharey=True)
     for ax, skill in zip(axes, SKILL_TASKS):
-        noises = sorted({r["noise"] for r in rows if r["skill"] == skill and r["cell"]}, reverse=True)
+        today = expert_recording(skill)
+        noises = sorted({r["noise"] for r in rows if r["skill"] == skill and r["cell"]}, key=lambda r: (r[1], -r[0]))
         for i, method in enumerate(METHODS):
-            for j, noise in enumerate(noises):  # one colour per method; solid = the lowest noise, dashed = higher
+            for noise in noises:  # one colour per method; solid = demos as recorded today, dashed = older
                 pts = [(r["demos"], r["cell"]["eval"]) for r in rows
                        if r["skill"] == skill and r["method"] == method and r["noise"] == noise and r["cell"]]
                 if not pts:
@@ -219,8 +243,8 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
                 y = [e["eval/success_rate"] for _, e in pts]
                 err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)],
                        [e["eval/ci_high"] - v for v, (_, e) in zip(y, pts)]]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method}, noise {noise:g}", color=f"C{i}",
-                            linestyle="-" if j == len(noises) - 1 else "--", alpha=1.0 if j == len(noises) - 1 else 0.6)
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method}, {_recording(noise)}", color=f"C{i}",
+                            linestyle="-" if noise == today else "--", alpha=1.0 if noise == today else 0.6)
         ax.set_title(skill)
         ax.set_xlabel("demos")
         ax.set_xscale("log")
@@ -249,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"default: all but {', '.join(EXTRA)}")
     parser.add_argument("--noise", type=float, default=None,
                         help="expert action noise of the demos (default: each skill expert's)")
+    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --import: whether the artifact's demos were recorded with the expert's quiet "
+                             "phases (default: what it recorded, else today's expert)")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per cell (default 3000)")
     parser.add_argument("--n-action-steps", type=int, default=None,
                         help="chunk execution of every cell's policy (default: the base's)")
@@ -267,19 +294,21 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}" + (
         f" --n-action-steps {args.n_action_steps}" if args.n_action_steps else "")
     for spec in args.imports:
-        path, cell = import_cell(args.cells, base, spec, args.episodes, args.noise)
+        path, cell = import_cell(args.cells, base, spec, args.episodes, args.noise, args.quiet)
         print(f"imported {path.stem}: success {cell['eval']['eval/success_rate']:.2f}", flush=True)
     if not args.report_only and not args.imports:
         for skill in args.skills:
-            noise = default_noise(skill) if args.noise is None else args.noise
-            collect(TASKS[skill], max(args.demos), data_dir(args.work, skill, noise), seed=0, noise=noise, workers=2)
+            noise, quiet = expert_recording(skill)
+            noise = noise if args.noise is None else args.noise
+            collect(TASKS[skill], max(args.demos), data_dir(args.work, skill, noise, quiet), seed=0, noise=noise,
+                    workers=2)
             for demos in args.demos:
                 for method in args.methods:
-                    if (args.cells / f"{cell_name(skill, demos, method, noise)}.json").exists():
+                    if (args.cells / f"{cell_name(skill, demos, method, noise, quiet)}.json").exists():
                         continue
-                    result = run_cell(args.work, base, skill, demos, method, noise, args.steps, args.episodes,
+                    result = run_cell(args.work, base, skill, demos, method, noise, quiet, args.steps, args.episodes,
                                       args.n_action_steps, args.select_episodes)
-                    save_cell(args.cells, skill, demos, method, noise, result)
+                    save_cell(args.cells, skill, demos, method, noise, quiet, result)
                     print(f"{skill} {demos} demos {method} noise {noise:g}: success "
                           f"{result['eval']['eval/success_rate']:.2f}", flush=True)
                     write_report(args.cells, args.md, args.png, command)
