@@ -337,17 +337,22 @@ def test_memory_per_skill(mode):
 def test_a_switch_drops_the_old_skills_queued_actions():
     mgr = manager("bank", seeds=(1, 2))
     obs = {k: v[0].numpy() for k, v in BATCH.items() if k != "task_id"}
-    chunks = {name: step(mgr, name)[0] for name in ("s1", "s2")}
+    chunks = {name: step(mgr, name)[0].numpy() for name in ("s1", "s2")}
+
+    def close(action: np.ndarray, expected: np.ndarray) -> bool:
+        # One observation vs a batch of them: float32 kernels differ by ~1e-7; chunk steps differ by > 1e-3.
+        return np.allclose(action, expected, rtol=0.0, atol=1e-5)
+
     mgr.activate("s1")
-    assert np.allclose(mgr.select_action(obs), chunks["s1"][0])
-    assert np.allclose(mgr.select_action(obs), chunks["s1"][1])
+    assert close(mgr.select_action(obs), chunks["s1"][0])
+    assert close(mgr.select_action(obs), chunks["s1"][1])
     mgr.activate("s1")  # not a switch: the queue is kept
-    assert np.allclose(mgr.select_action(obs), chunks["s1"][2])
+    assert close(mgr.select_action(obs), chunks["s1"][2])
     mgr.activate("s2")
-    assert np.allclose(mgr.select_action(obs), chunks["s2"][0]), "the new skill must be queried afresh"
+    assert close(mgr.select_action(obs), chunks["s2"][0]), "the new skill must be queried afresh"
     mgr.reset()
     mgr.activate("s1")
-    assert np.allclose(mgr.select_action(obs), chunks["s1"][0])
+    assert close(mgr.select_action(obs), chunks["s1"][0])
 
 
 @pytest.mark.parametrize("mode", MODES)
