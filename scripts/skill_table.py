@@ -229,7 +229,7 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SKILL_TASKS), figsize=(6 * len(SKILL_TASKS), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(SKILL_TASKS), figsize=(6 * len(SKILL_TASKS), 6), sharey=True)
     for ax, skill in zip(axes, SKILL_TASKS):
         today = expert_recording(skill)
         noises = sorted({r["noise"] for r in rows if r["skill"] == skill and r["cell"]}, key=lambda r: (r[1], -r[0]))
@@ -254,8 +254,8 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
-    for ax in axes:
-        ax.legend(loc="lower right", fontsize=7)
+    for ax in axes:  # below the axes: a legend inside would hide points
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
