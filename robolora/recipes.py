@@ -258,7 +258,7 @@ def train_skill(
     info = {"skill": skill, "method": method, "demos": len(dataset.files), "samples": len(dataset),
             "trainable_params": counts["trainable"], "trainable_percent_of_base": 100 * counts["trainable"] / total_base,
             "base": str(base), "base_fingerprint": fingerprint, "data": str(data_dir),
-            "data_noise": manifest.get("noise"), "data_quiet_phases": manifest.get("quiet_phases", []),
+            "data_noise": manifest.get("noise"), "data_quiet_phases": manifest.get("quiet_phases"),
             "train_config": config.to_dict(),
             "train_metrics": metrics}
     if selection is not None:

@@ -152,9 +152,11 @@ def import_cell(cells: Path, base: Path, spec: str, episodes: int, noise: float 
         raise SystemExit(f"--import {spec!r}: {folder} was trained on demos with noise {recorded}, not --noise {noise}")
     default = expert_recording(skill)
     noise = float(recorded) if recorded is not None else noise if noise is not None else default[0]
-    if "data_quiet_phases" in info:
-        quiet = bool(info["data_quiet_phases"])
-    quiet = default[1] if quiet is None else quiet
+    recorded_quiet = info.get("data_quiet_phases")  # None: datasets from before quiet phases were recorded
+    if recorded_quiet is not None and quiet is not None and bool(recorded_quiet) != quiet:
+        raise SystemExit(f"--import {spec!r}: {folder}'s demos were recorded with quiet phases {recorded_quiet}; "
+                         f"drop --{'' if quiet else 'no-'}quiet")
+    quiet = bool(recorded_quiet) if recorded_quiet is not None else default[1] if quiet is None else quiet
     m = evaluate(policy, TASKS[skill], episodes)
     cell = {k: v for k, v in info.items() if k not in ("lora", "layers", "eval", "format", "format_version")}
     cell.update(eval={k: v for k, v in m.items() if k != "episodes"}, size_bytes=size, out=str(folder),
