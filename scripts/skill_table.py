@@ -7,10 +7,12 @@ Usage:
     python scripts/skill_table.py --work runs/skill_table --report-only         # rewrite the table from done cells
     python scripts/skill_table.py --work runs/skill_table --import dish_rack-200-full=RUN/policy   # trained elsewhere
 
-Each cell (skill, demo budget, method, how the demos were recorded) trains with `robolora.recipes.train_skill` on the first N demos
-recorded with that expert action noise (default: the expert's), evaluates on 50 held-out episodes and stores its
-result as ``<cells>/<skill>-<demos>-<method>-noise<sigma>[q].json`` (q: quiet phases) (committed, ``docs/skill_table_cells`` by default);
-finished cells are skipped, so the table can be filled over several runs. Demos and runs go under ``--work``. The table goes to ``docs/skill_table.md`` and the plot to
+Each cell (skill, demo budget, method, how the demos were recorded) trains with `robolora.recipes.train_skill` on
+the first N demos recorded with that expert action noise (default: the expert's), evaluates on 50 held-out
+episodes and stores its result as ``<cells>/<skill>-<demos>-<method>-noise<sigma>[q].json`` (q: recorded with the
+expert's quiet phases; ``docs/skill_table_cells``, committed, by default). Finished cells are skipped, so the table
+can be filled over several runs. Demos and runs go under ``--work``. The table goes to ``docs/skill_table.md`` and
+the plot to
 ``docs/skill_table.png``; cells of the issue's budgets (10, 25, 50 demos) not run yet show as "not run", larger
 budgets only when run. ``--import CELL=ARTIFACT`` adds a cell trained elsewhere (e.g. on a GPU machine with
 ``robolora train-skill``): it reads the adapter or policy folder's metadata, evaluates it here on the same held-out
@@ -95,8 +97,9 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise:
     config = TrainConfig(steps=steps, batch_size=64, lr=lr, weight_decay=0.0, warmup_steps=min(100, steps // 10),
                          checkpoint_every=250, eval_every=max(1, steps // 6) if select_episodes else 0)
     lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4), targets=targets or ATTN)
-    return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise, quiet), method=recipe, lora=lora,
-                       config=config, demos=demos, resume=True, eval_episodes=episodes, select_episodes=select_episodes,
+    return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise, quiet), method=recipe,
+                       lora=lora, config=config, demos=demos, resume=True, eval_episodes=episodes,
+                       select_episodes=select_episodes,
                        execution={"n_action_steps": n_action_steps} if n_action_steps else None)
 
 
@@ -188,9 +191,10 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
         t = cell["table"]
         done[(t["skill"], t["demos"], t["method"], (float(t["noise"]), bool(t.get("quiet", False))))] = cell
     budgets = sorted(set(BUDGETS) | {demos for _, demos, _, _ in done})
+    today = {skill: expert_recording(skill) for skill in SKILL_TASKS}  # each builds a MuJoCo env: once per skill
     rows: list[dict[str, Any]] = []
     for skill in SKILL_TASKS:
-        default = expert_recording(skill)
+        default = today[skill]
         recordings = sorted({r for s, _, _, r in done if s == skill} | {default}, key=lambda r: (not r[1], -r[0]))
         for recording in recordings:
             for demos in budgets:
@@ -221,9 +225,9 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
               "default since this table's noise column was added), "
               "evaluated on 50 held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted "
               "chunk (the base's 4 when not given); frozen = the base with task id 0. 'best: S' = the step kept "
-              "after rollouts on validation seeds (from 30,000,000) every steps/6 steps. Training time is wall-clock on the "
-              "shared 2-core machine with up to four jobs running at once, so it measures the run, not the method; "
-              "(GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "
+              "after rollouts on validation seeds (from 30,000,000) every steps/6 steps. Training time is wall-clock "
+              "on the shared 2-core machine with up to four jobs running at once, so it measures the run, not the "
+              "method; (GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "
               "sharing it, and evaluated on the CPU.")
     out_md.write_text("# Skill table\n\n" + "\n".join(lines) + f"\n\n{caveat}\n\nCommand: `{command}`\n")
     import matplotlib
@@ -233,7 +237,6 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
 
     fig, axes = plt.subplots(1, len(SKILL_TASKS), figsize=(6 * len(SKILL_TASKS), 6), sharey=True)
     for ax, skill in zip(axes, SKILL_TASKS):
-        today = expert_recording(skill)
         noises = sorted({r["noise"] for r in rows if r["skill"] == skill and r["cell"]}, key=lambda r: (r[1], -r[0]))
         for i, method in enumerate(METHODS):
             for noise in noises:  # one colour per method; solid = demos as recorded today, dashed = older
@@ -245,8 +248,9 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
                 y = [e["eval/success_rate"] for _, e in pts]
                 err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)],
                        [e["eval/ci_high"] - v for v, (_, e) in zip(y, pts)]]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method}, {_recording(noise)}", color=f"C{i}",
-                            linestyle="-" if noise == today else "--", alpha=1.0 if noise == today else 0.6)
+                current = noise == today[skill]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method}, {_recording(noise)}",
+                            color=f"C{i}", linestyle="-" if current else "--", alpha=1.0 if current else 0.6)
         ax.set_title(skill)
         ax.set_xlabel("demos")
         ax.set_xscale("log")
