@@ -130,6 +130,19 @@ def resolve_run(path: Path, sub: str, marker: str) -> Path:
     return path / sub if not (path / marker).exists() and (path / sub / marker).exists() else path
 
 
+def skill_execution(args: argparse.Namespace) -> dict[str, Any] | None:
+    """train-skill's ``--n-action-steps`` / ``--temporal-ensemble`` as the adapter's "execution" (None: the base's)."""
+    execution: dict[str, Any] = {}
+    if args.n_action_steps:
+        execution["n_action_steps"] = args.n_action_steps
+    if args.temporal_ensemble is not None:
+        if execution.get("n_action_steps", 1) != 1:
+            raise ValueError(f"--temporal-ensemble re-queries every step: drop --n-action-steps "
+                             f"{args.n_action_steps} (ensembling executes 1 action per query)")
+        execution.update(n_action_steps=1, temporal_ensemble=args.temporal_ensemble)
+    return execution or None
+
+
 def cmd_train_skill(args: argparse.Namespace) -> int:
     from robolora.config import LoRAConfig
     from robolora.recipes import train_skill
@@ -150,7 +163,7 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
                            lora=lora, config=config, demos=args.demos, resume=args.resume,
                            eval_episodes=args.eval_episodes, on_step=bar.update_to,
                            select_episodes=args.select_episodes,
-                           execution={"n_action_steps": args.n_action_steps} if args.n_action_steps else None)
+                           execution=skill_execution(args))
     finally:
         bar.close()
     summary = {"skill": info["skill"], "method": info["method"], "out": info["out"], "demos": info["demos"],
@@ -450,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-action-steps", type=int, default=None,
                    help="actions this skill executes per predicted chunk, saved in adapter.json and used whenever "
                         "the skill is active (default: the base's)")
+    p.add_argument("--temporal-ensemble", type=float, default=None, metavar="M",
+                   help="execute this skill with ACT temporal ensembling, coefficient M (re-query every step, "
+                        "average the overlapping chunks with weights exp(-M*i)); saved in adapter.json")
     p.add_argument("--select-episodes", type=int, default=0,
                    help="every --select-every steps, roll out on N validation episodes (seeds from 30,000,000) and "
                         "keep the best step's weights (default 0: keep the last)")

@@ -53,6 +53,29 @@ def test_train_skill_targets_and_execution_reach_the_adapter(tmp_path, capsys):
     assert manager.policy.config.n_action_steps == 8
 
 
+def test_train_skill_temporal_ensemble_is_the_skills_execution(tmp_path, capsys):
+    from robolora.data import collect
+    from robolora.policies import load_policy
+    from robolora.recipes import shipped_base
+    from robolora.skills import SkillManager
+
+    collect("robolora/Wipe-v0", 1, tmp_path / "wipe", seed=0)
+    common = ["train-skill", "--data", str(tmp_path / "wipe"), "--rank", "2", "--steps", "2", "--batch-size", "4",
+              "--json", "--temporal-ensemble", "0.05"]
+    assert main(common + ["--out", str(tmp_path / "bad"), "--n-action-steps", "8"]) == 2
+    assert "drop --n-action-steps 8" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before any training
+    assert main(common + ["--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    assert meta["execution"] == {"n_action_steps": 1, "temporal_ensemble": 0.05}
+    manager = SkillManager(load_policy(shipped_base()))
+    manager.load(tmp_path / "run" / "adapter")
+    manager.activate("wipe")
+    manager.apply_pending()
+    assert (manager.policy.config.n_action_steps, manager.policy.config.temporal_ensemble) == (1, 0.05)
+
+
 @pytest.mark.parametrize("bad", ["push", "push=0", "push=-1", "push=nan", "=2"])
 def test_pretrain_task_weight_must_be_task_eq_positive_number(bad, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
