@@ -261,7 +261,8 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
     for ax in axes:  # below the axes: a legend inside would hide points
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a skill with no finished cell has nothing to list
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
