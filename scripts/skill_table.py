@@ -10,7 +10,8 @@ Usage:
 Each cell (skill, demo budget, method, how the demos were recorded) trains with `robolora.recipes.train_skill` on
 the first N demos recorded with that expert action noise (default: the expert's), evaluates on 50 held-out
 episodes and stores its result as ``<cells>/<skill>-<demos>-<method>-noise<sigma>[q].json`` (q: recorded with the
-expert's quiet phases; ``docs/skill_table_cells``, committed, by default). Finished cells are skipped, so the table
+expert's quiet phases; ``-teM`` appended for cells executed with temporal ensembling m=M;
+``docs/skill_table_cells``, committed, by default). Finished cells are skipped, so the table
 can be filled over several runs. Demos and runs go under ``--work``. The table goes to ``docs/skill_table.md`` and
 the plot to
 ``docs/skill_table.png``; cells of the issue's budgets (10, 25, 50 demos) not run yet show as "not run", larger
@@ -77,19 +78,28 @@ def data_dir(work: Path, skill: str, noise: float, quiet: bool) -> Path:
     return work / "data" / f"{skill}-{tag(noise, quiet)}"
 
 
-def cell_name(skill: str, demos: int, method: str, noise: float, quiet: bool) -> str:
-    return f"{skill}-{demos}-{method}-{tag(noise, quiet)}"
+def cell_name(skill: str, demos: int, method: str, noise: float, quiet: bool, te: float | None = None) -> str:
+    """The cell's file stem; ``te``: the policy executes with temporal ensembling of that coefficient."""
+    return f"{skill}-{demos}-{method}-{tag(noise, quiet)}" + ("" if te is None else f"-te{te:g}")
+
+
+def execution_args(n_action_steps: int | None, te: float | None) -> dict | None:
+    """The ``execution`` a cell trains and evaluates with (None: the base's)."""
+    if te is not None:
+        return {"n_action_steps": 1, "temporal_ensemble": te}
+    return {"n_action_steps": n_action_steps} if n_action_steps else None
 
 
 def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise: float, quiet: bool, steps: int,
-             episodes: int, n_action_steps: int | None = None, select_episodes: int = 0) -> dict:
+             episodes: int, n_action_steps: int | None = None, select_episodes: int = 0,
+             te: float | None = None) -> dict:
     recipe, rank, lr, targets = METHODS[method]
     data = data_dir(work, skill, noise, quiet)
     if recipe is None:  # the frozen base as it ships: no training, task id 0 (it has no id for the skill)
         t0 = time.perf_counter()
         policy = load_policy(base)
-        if n_action_steps:
-            policy.set_execution(n_action_steps)
+        if execution_args(n_action_steps, te):
+            policy.set_execution(**execution_args(n_action_steps, te))
         m = evaluate(policy, TASKS[skill], episodes, task_id=0)
         return {"eval": {k: v for k, v in m.items() if k != "episodes"}, "trainable_params": 0,
                 "trainable_percent_of_base": 0.0, "size_bytes": 0, "train_metrics": {"train/wall_s": 0.0},
@@ -97,18 +107,24 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise:
     config = TrainConfig(steps=steps, batch_size=64, lr=lr, weight_decay=0.0, warmup_steps=min(100, steps // 10),
                          checkpoint_every=250, eval_every=max(1, steps // 6) if select_episodes else 0)
     lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4), targets=targets or ATTN)
-    return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise, quiet), method=recipe,
+    return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise, quiet, te), method=recipe,
                        lora=lora, config=config, demos=demos, resume=True, eval_episodes=episodes,
-                       select_episodes=select_episodes,
-                       execution={"n_action_steps": n_action_steps} if n_action_steps else None)
+                       select_episodes=select_episodes, execution=execution_args(n_action_steps, te))
+
+
+def cell_te(cell: dict) -> float | None:
+    """The temporal-ensembling coefficient a finished cell's policy executed with (None: open-loop chunks)."""
+    te = (cell.get("execution") or {}).get("temporal_ensemble")
+    return None if te is None else float(te)
 
 
 def save_cell(cells: Path, skill: str, demos: int, method: str, noise: float, quiet: bool, cell: dict) -> Path:
     """Store a finished cell as ``<cells>/<name>.json`` (atomically: a killed run leaves no half cell)."""
-    path = cells / f"{cell_name(skill, demos, method, noise, quiet)}.json"
+    te = cell_te(cell)
+    path = cells / f"{cell_name(skill, demos, method, noise, quiet, te)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {**cell, "table": {"skill": skill, "demos": demos, "method": method, "noise": noise,
-                                        "quiet": quiet}})
+                                        "quiet": quiet, "te": te}})
     return path
 
 
@@ -137,6 +153,8 @@ def import_cell(cells: Path, base: Path, spec: str, episodes: int, noise: float 
     elif (folder / "config.json").exists():
         info = read_policy_header(folder).get("metadata", {})
         policy = load_policy(folder)
+        if policy.config.temporal_ensemble is not None:  # a policy's execution lives in its config
+            info = {**info, "execution": {"n_action_steps": 1, "temporal_ensemble": policy.config.temporal_ensemble}}
         size = (folder / "model.safetensors").stat().st_size
     else:
         raise SystemExit(f"--import {spec!r}: {folder} holds neither adapter.json nor config.json")
@@ -184,32 +202,41 @@ def _recording(recording: tuple[float, bool]) -> str:
     return f"noise {noise:g}" + (", clean alignment" if quiet else "")
 
 
+def _execution(te: float | None) -> str:
+    return "chunks" if te is None else f"ensembled, m={te:g}"
+
+
 def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None:
     done = {}
     for path in sorted(cells.glob("*.json")):
         cell = json.loads(path.read_text())
         t = cell["table"]
-        done[(t["skill"], t["demos"], t["method"], (float(t["noise"]), bool(t.get("quiet", False))))] = cell
-    budgets = sorted(set(BUDGETS) | {demos for _, demos, _, _ in done})
+        te = t.get("te")
+        done[(t["skill"], t["demos"], t["method"], (float(t["noise"]), bool(t.get("quiet", False))), te)] = cell
+    budgets = sorted(set(BUDGETS) | {demos for _, demos, _, _, _ in done})
     today = {skill: expert_recording(skill) for skill in SKILL_TASKS}  # each builds a MuJoCo env: once per skill
     rows: list[dict[str, Any]] = []
     for skill in SKILL_TASKS:
         default = today[skill]
-        recordings = sorted({r for s, _, _, r in done if s == skill} | {default}, key=lambda r: (not r[1], -r[0]))
+        recordings = sorted({r for s, _, _, r, _ in done if s == skill} | {default}, key=lambda r: (not r[1], -r[0]))
+        executions = sorted({te for s, _, _, _, te in done if s == skill} | {None}, key=lambda te: te is not None)
         for recording in recordings:
             for demos in budgets:
                 for method in METHODS:
-                    cell = done.get((skill, demos, method, recording))
-                    # not-run rows only where the issue asks: its budgets, default methods, demos as recorded today
-                    if cell is not None or (demos in BUDGETS and method not in EXTRA and recording == default):
-                        rows.append({"skill": skill, "demos": demos, "method": method, "noise": recording,
-                                     "cell": cell})
-    lines = ["| skill | demos recorded with | demos | method | success (50 eps) | 95% interval |"
+                    for te in executions:
+                        cell = done.get((skill, demos, method, recording, te))
+                        # not-run rows only where the issue asks: its budgets, default methods and execution, demos
+                        # as recorded today
+                        if cell is not None or (demos in BUDGETS and method not in EXTRA and recording == default
+                                                and te is None):
+                            rows.append({"skill": skill, "demos": demos, "method": method, "noise": recording,
+                                         "te": te, "cell": cell})
+    lines = ["| skill | demos recorded with | demos | method | execution | success (50 eps) | 95% interval |"
              " trainable params (% of base) | file size | steps | training time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         c = r["cell"]
-        head = f"| {r['skill']} | {_recording(r['noise'])} | {r['demos']} | {r['method']} |"
+        head = f"| {r['skill']} | {_recording(r['noise'])} | {r['demos']} | {r['method']} | {_execution(r['te'])} |"
         if c is None:
             lines.append(f"{head} not run | | | | | |")
             continue
@@ -223,9 +250,12 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
               "the given expert action noise (std, in action units; DART: clean labels, noisy execution; 'clean "
               "alignment': the dish_rack expert's align/insert/release phases executed without noise, its "
               "default since this table's noise column was added), "
-              "evaluated on 50 held-out seeds (from 10,000,000), executing --n-action-steps actions per predicted "
-              "chunk (the base's 4 when not given); frozen = the base with task id 0. 'best: S' = the step kept "
-              "after rollouts on validation seeds (from 30,000,000) every steps/6 steps. Training time is wall-clock "
+              "evaluated on 50 held-out seeds (from 10,000,000). Execution 'chunks': --n-action-steps actions of "
+              "each predicted chunk, open loop, then a new query (the base's 4 when not given); 'ensembled, m=M': "
+              "ACT temporal ensembling, a query every step and the action averaged over every chunk that predicted "
+              "it, with weights exp(-M*i) from the oldest. Frozen = the base with task id 0. 'best: S' = the step "
+              "kept after rollouts on validation seeds (from 30,000,000), with the cell's execution, every steps/6 "
+              "steps or every 500 for cells trained elsewhere. Training time is wall-clock "
               "on the shared 2-core machine with up to four jobs running at once, so it measures the run, not the "
               "method; (GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "
               "sharing it, and evaluated on the CPU.")
@@ -237,11 +267,12 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
 
     fig, axes = plt.subplots(1, len(SKILL_TASKS), figsize=(6 * len(SKILL_TASKS), 6), sharey=True)
     for ax, skill in zip(axes, SKILL_TASKS):
-        noises = sorted({r["noise"] for r in rows if r["skill"] == skill and r["cell"]}, key=lambda r: (r[1], -r[0]))
+        series = sorted({(r["noise"], r["te"]) for r in rows if r["skill"] == skill and r["cell"]},
+                        key=lambda k: (k[0][1], -k[0][0], k[1] is not None))
         for i, method in enumerate(METHODS):
-            for noise in noises:  # one colour per method; solid = demos as recorded today, dashed = older
-                pts = [(r["demos"], r["cell"]["eval"]) for r in rows
-                       if r["skill"] == skill and r["method"] == method and r["noise"] == noise and r["cell"]]
+            for noise, te in series:  # one colour per method; solid = demos as recorded today, dashed = older
+                pts = [(r["demos"], r["cell"]["eval"]) for r in rows if r["skill"] == skill and r["method"] == method
+                       and r["noise"] == noise and r["te"] == te and r["cell"]]
                 if not pts:
                     continue
                 x = [d * 1.04 ** (i - len(METHODS) / 2) for d, _ in pts]  # side by side on the log axis
@@ -249,7 +280,8 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
                 err = [[v - e["eval/ci_low"] for v, (_, e) in zip(y, pts)],
                        [e["eval/ci_high"] - v for v, (_, e) in zip(y, pts)]]
                 current = noise == today[skill]
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{method}, {_recording(noise)}",
+                label = f"{method}, {_recording(noise)}" + ("" if te is None else f", {_execution(te)}")
+                ax.errorbar(x, y, yerr=err, marker="s" if te is not None else "o", capsize=3, label=label,
                             color=f"C{i}", linestyle="-" if current else "--", alpha=1.0 if current else 0.6)
         ax.set_title(skill)
         ax.set_xlabel("demos")
@@ -286,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000, help="training steps per cell (default 3000)")
     parser.add_argument("--n-action-steps", type=int, default=None,
                         help="chunk execution of every cell's policy (default: the base's)")
+    parser.add_argument("--temporal-ensemble", type=float, default=None, metavar="M",
+                        help="cells execute with ACT temporal ensembling m=M instead of --n-action-steps chunks "
+                             "(their own cells: -teM in the file name)")
     parser.add_argument("--select-episodes", type=int, default=0,
                         help="keep the best of 6 checkpoints on N validation episodes (default 0: the last)")
     parser.add_argument("--episodes", type=int, default=50, help="held-out evaluation episodes (default 50)")
@@ -299,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     base = args.base or shipped_base()
     command = f"python scripts/skill_table.py --work {args.work} --steps {args.steps}" + (
-        f" --n-action-steps {args.n_action_steps}" if args.n_action_steps else "")
+        f" --n-action-steps {args.n_action_steps}" if args.n_action_steps else "") + (
+        f" --temporal-ensemble {args.temporal_ensemble:g}" if args.temporal_ensemble is not None else "")
     for spec in args.imports:
         path, cell = import_cell(args.cells, base, spec, args.episodes, args.noise, args.quiet)
         print(f"imported {path.stem}: success {cell['eval']['eval/success_rate']:.2f}", flush=True)
@@ -311,10 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                     workers=2)
             for demos in args.demos:
                 for method in args.methods:
-                    if (args.cells / f"{cell_name(skill, demos, method, noise, quiet)}.json").exists():
+                    te = args.temporal_ensemble
+                    if (args.cells / f"{cell_name(skill, demos, method, noise, quiet, te)}.json").exists():
                         continue
                     result = run_cell(args.work, base, skill, demos, method, noise, quiet, args.steps, args.episodes,
-                                      args.n_action_steps, args.select_episodes)
+                                      args.n_action_steps, args.select_episodes, te)
                     save_cell(args.cells, skill, demos, method, noise, quiet, result)
                     print(f"{skill} {demos} demos {method} noise {noise:g}: success "
                           f"{result['eval']['eval/success_rate']:.2f}", flush=True)
