@@ -26,8 +26,8 @@ EPILOG = """examples:
   robolora collect --task reach --episodes 200 --out data/reach
   robolora pretrain --data data/reach data/push --out runs/base --steps 20000
   robolora eval --policy runs/base --task reach --episodes 50
-  robolora collect --task dish_rack --episodes 50 --out data/dish_rack
-  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 4
+  robolora collect --task dish_rack --episodes 200 --out data/dish_rack
+  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 2 --temporal-ensemble 0.05
   robolora eval --skill runs/dish_rack --task dish_rack --episodes 50
 """
 
@@ -441,11 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-skill", help="train a new skill on the frozen base: LoRA adapter (or a baseline)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                           "example, the shipped dish_rack recipe (200 demos; 0.78 held-out, README 'The skill "
-                           "table'):\n  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 4 "
-                           "--lr 2e-3 --steps 6000 --n-action-steps 8 \\\n      --targets "
+                           "example, the shipped dish_rack recipe (200 demos; 0.96 held-out, README 'The skill "
+                           "table'):\n  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 2 "
+                           "--lr 2e-3 --steps 6000 --temporal-ensemble 0.05 \\\n      --targets "
                            "attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head,proprio_proj\n"
-                           "the shipped wipe recipe is the same with --rank 2 (200 demos; 0.96)"))
+                           "the shipped wipe recipe executes 8-action chunks instead: --n-action-steps 8 in place of "
+                           "--temporal-ensemble 0.05 (200 demos; 0.96)"))
     p.add_argument("--data", type=Path, required=True, help="dataset folder of the skill (robolora collect)")
     p.add_argument("--out", type=Path, required=True, help="run folder; the adapter goes to OUT/adapter")
     p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
