@@ -254,8 +254,9 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
               "each predicted chunk, open loop, then a new query (the base's 4 when not given); 'ensembled, m=M': "
               "ACT temporal ensembling, a query every step and the action averaged over every chunk that predicted "
               "it, with weights exp(-M*i) from the oldest. Frozen = the base with task id 0. 'best: S' = the step "
-              "kept after rollouts on validation seeds (from 30,000,000), with the cell's execution, every steps/6 "
-              "steps or every 500 for cells trained elsewhere. Training time is wall-clock "
+              "kept after rollouts on validation seeds (from 30,000,000) every steps/6 steps (cells trained "
+              "elsewhere: every 500 or 1000); the imported ensembled cells chose it executing chunks of 8 and had "
+              "their execution switched afterwards (README 'Temporal ensembling'). Training time is wall-clock "
               "on the shared 2-core machine with up to four jobs running at once, so it measures the run, not the "
               "method; (GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "
               "sharing it, and evaluated on the CPU.")
@@ -294,9 +295,9 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
     axes[0].set_ylabel("success rate (50 held-out episodes, 95% CI)")
     for ax in axes:  # below the axes: a legend inside would hide points
         if ax.get_legend_handles_labels()[0]:  # a skill with no finished cell has nothing to list
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=7)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(out_png, dpi=120, bbox_inches="tight")  # the legends below the axes stay in the picture
     plt.close(fig)
 
 
