@@ -27,7 +27,7 @@ from robolora.envs import BASE_TASKS, TASKS
 from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
 from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy, save_policy
 from robolora.stats import VALIDATION_SEED
-from robolora.train import TrainConfig, train
+from robolora.train import TrainConfig, resolve_device, train
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ def balanced_weights(data_dirs: Sequence[str | Path], task_weights: Mapping[str,
         n = sum(e["length"] for e in load_manifest(d)["episodes"])
         weights.append(torch.full((n,), float(task_weights.get(task, 1.0)) / n))
     return torch.cat(weights)
+
+
+def trained_config(config: TrainConfig) -> dict[str, Any]:
+    """The training config as recorded in a checkpoint or adapter: ``device`` is the one it ran on (auto resolved)."""
+    return {**config.to_dict(), "device": str(resolve_device(config.device))}
 
 
 def pretrain(
@@ -133,7 +138,7 @@ def pretrain(
         "kind": "base", "tasks": task_ids, "data": [str(d) for d in data_dirs],
         "init_from": str(init_from) if init_from is not None else None,
         "task_weights": dict(task_weights) if task_weights else None,
-        "train_config": config.to_dict(), "train_metrics": metrics,
+        "train_config": trained_config(config), "train_metrics": metrics,
         "samples": len(dataset)})
     return metrics
 
@@ -259,7 +264,7 @@ def train_skill(
             "trainable_params": counts["trainable"], "trainable_percent_of_base": 100 * counts["trainable"] / total_base,
             "base": str(base), "base_fingerprint": fingerprint, "data": str(data_dir),
             "data_noise": manifest.get("noise"), "data_quiet_phases": manifest.get("quiet_phases"),
-            "train_config": config.to_dict(),
+            "train_config": trained_config(config),
             "train_metrics": metrics}
     if selection is not None:
         info["selection"] = selection

@@ -187,7 +187,7 @@ def import_cell(cells: Path, base: Path, spec: str, episodes: int, noise: float 
 
 def _where(cell: dict) -> str:
     """' (GPU)' for a cell trained on CUDA: its training time is not comparable with the CPU cells'."""
-    return " (GPU)" if cell.get("train_config", {}).get("device") == "cuda" else ""
+    return " (GPU)" if str(cell.get("train_config", {}).get("device", "")).startswith("cuda") else ""
 
 
 def _steps(cell: dict) -> str:

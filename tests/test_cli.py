@@ -46,6 +46,7 @@ def test_train_skill_targets_and_execution_reach_the_adapter(tmp_path, capsys):
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
     assert meta["lora"]["targets"] == ["attn.q", "attn.v", "action_head"]
     assert "action_head" in meta["layers"] and meta["execution"] == {"n_action_steps": 8}
+    assert meta["train_config"]["device"] in ("cpu", "cuda")  # where it ran, not the "auto" it was asked for
     manager = SkillManager(load_policy(shipped_base()))
     manager.load(tmp_path / "run" / "adapter")
     manager.activate("wipe")
