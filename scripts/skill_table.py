@@ -255,8 +255,9 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
               "ACT temporal ensembling, a query every step and the action averaged over every chunk that predicted "
               "it, with weights exp(-M*i) from the oldest. Frozen = the base with task id 0. 'best: S' = the step "
               "kept after rollouts on validation seeds (from 30,000,000) every steps/6 steps (cells trained "
-              "elsewhere: every 500 or 1000); the imported ensembled cells chose it executing chunks of 8 and had "
-              "their execution switched afterwards (README 'Temporal ensembling'). Training time is wall-clock "
+              "elsewhere: every 500 or 1000). Ensembled cells trained for chunks of 8 had their execution switched "
+              "afterwards, so their 'best' step was chosen executing chunks (README 'Temporal ensembling'). "
+              "Training time is wall-clock "
               "on the shared 2-core machine with up to four jobs running at once, so it measures the run, not the "
               "method; (GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "
               "sharing it, and evaluated on the CPU.")
