@@ -95,11 +95,12 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise:
              te: float | None = None) -> dict:
     recipe, rank, lr, targets = METHODS[method]
     data = data_dir(work, skill, noise, quiet)
+    execution = execution_args(n_action_steps, te)
     if recipe is None:  # the frozen base as it ships: no training, task id 0 (it has no id for the skill)
         t0 = time.perf_counter()
         policy = load_policy(base)
-        if execution_args(n_action_steps, te):
-            policy.set_execution(**execution_args(n_action_steps, te))
+        if execution:
+            policy.set_execution(**execution)
         m = evaluate(policy, TASKS[skill], episodes, task_id=0)
         return {"eval": {k: v for k, v in m.items() if k != "episodes"}, "trainable_params": 0,
                 "trainable_percent_of_base": 0.0, "size_bytes": 0, "train_metrics": {"train/wall_s": 0.0},
@@ -109,7 +110,7 @@ def run_cell(work: Path, base: Path, skill: str, demos: int, method: str, noise:
     lora = LoRAConfig(rank=rank or 4, alpha=2.0 * (rank or 4), targets=targets or ATTN)
     return train_skill(base, data, work / "runs" / cell_name(skill, demos, method, noise, quiet, te), method=recipe,
                        lora=lora, config=config, demos=demos, resume=True, eval_episodes=episodes,
-                       select_episodes=select_episodes, execution=execution_args(n_action_steps, te))
+                       select_episodes=select_episodes, execution=execution)
 
 
 def cell_te(cell: dict) -> float | None:
