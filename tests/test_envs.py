@@ -212,12 +212,18 @@ def test_invalid_arguments_raise_helpful_errors() -> None:
     env.close()
 
 
+def twin_experts(task: str, seed: int):
+    """An env reset at ``seed`` and two experts on it seeded alike and reset: their random streams are in step."""
+    env = make(task)
+    env.reset(seed=seed)
+    experts = make_expert(env, seed=seed), make_expert(env, seed=seed)
+    for expert in experts:
+        expert.reset()
+    return env, *experts
+
+
 def test_expert_perturb_is_seeded_and_clipped() -> None:
-    env = make("push")
-    env.reset(seed=5)
-    a, b = make_expert(env, seed=5), make_expert(env, seed=5)
-    a.reset()
-    b.reset()
+    env, a, b = twin_experts("push", 5)
     clean = a.act()
     np.testing.assert_array_equal(clean, b.act())
     noisy = a.perturb(clean, 0.2)
@@ -228,11 +234,7 @@ def test_expert_perturb_is_seeded_and_clipped() -> None:
 
 
 def test_quiet_phases_execute_the_clean_action_and_keep_the_noise_stream() -> None:
-    env = make("dish_rack")
-    env.reset(seed=3)
-    quiet, noisy = make_expert(env, seed=3), make_expert(env, seed=3)
-    quiet.reset()
-    noisy.reset()
+    env, quiet, noisy = twin_experts("dish_rack", 3)
     assert {"align", "insert"} <= quiet.quiet_phases, "dish_rack's expert keeps its slot alignment noise-free"
     assert "carry" not in quiet.quiet_phases
     clean = np.array([0.1, -0.2, 0.3, 1.0], np.float32)
