@@ -1,6 +1,6 @@
 """MuJoCo tabletop tasks and their scripted experts (installed as ``robolora.envs``).
 
-Importing this package registers every task with Gymnasium (DESIGN.md §2, interfaces.md "Tasks and ids").
+Importing this package registers every task with Gymnasium (docs/design.md §2 and §8).
 ``make("push")`` or ``gymnasium.make("robolora/Push-v0")`` builds a task; ``make_expert(env, seed)`` its expert.
 """
 

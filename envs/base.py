@@ -1,6 +1,6 @@
 """Shared tabletop MuJoCo environment: one arena, one gripper, one action space for every task.
 
-Implements the task-suite contract of DESIGN.md §2 and TASKS.md ("Embodiment and control", "Observations",
+Implements the task-suite contract of docs/design.md §2 and §8 ("Embodiment and control", "Observations",
 "Rendering cost", "The suite"), in the style of Gymnasium's ``envs/mujoco`` (tiny uniform tasks on one base env).
 
 How a task subclass works
@@ -54,7 +54,7 @@ ASSET_PATH = Path(__file__).resolve().parent / "assets" / "arena.xml"
 CAMERAS = ("front", "wrist")
 PROPRIO_DIM = 10
 ACTION_SCALE = 0.02  # metres of mocap motion per unit action per step
-N_SUBSTEPS = 25  # 25 x 2 ms = 20 Hz control (TASKS.md: coarser steps broke contact tasks)
+N_SUBSTEPS = 25  # 25 x 2 ms = 20 Hz control (docs/design.md §8.1: coarser steps broke contact tasks)
 TCP_OFFSET = np.array([0.0, 0.0, -0.06])  # tcp site relative to the hand origin (gripper.xml)
 WORKSPACE_LOW = np.array([-0.3, -0.28, 0.02])  # tcp bounds; z floor keeps fingertips 5 mm above the table
 WORKSPACE_HIGH = np.array([0.3, 0.3, 0.3])

@@ -1,4 +1,4 @@
-"""Button press: push the red button on its pedestal down (TASKS.md table, Meta-World button-press-topdown-v2).
+"""Button press: push the red button on its pedestal down (docs/design.md §8.4, Meta-World button-press-topdown-v2).
 
 The button stands back-right (jittered by up to 1.5 cm per episode); its cap slides down 2 cm against a spring.
 Success: slide below -0.015 m. The expert presses with the closed fingertips from above.

@@ -1,6 +1,6 @@
 """Dish rack (skill): take the plate out of its holder and stand it in the rack slot whose marker is lit green.
 
-TASKS.md "The suite" (dish_rack row) and TRAINING.md ("A new skill on the frozen base"). What no base task shows:
+docs/design.md §8.4 (dish_rack row) and §9.3 ("A new skill on the frozen base"). What no base task shows:
 a rim grasp of a thin object, a high clearance lift, millimetre slot alignment, a release inside the slot, and
 choosing the slot from a colour cue. The cue is a tall marker behind each slot (one lit green, the others neutral
 grey), widened here so it spans several pixels at 64 px: a thin floor strip was misread by trained policies.

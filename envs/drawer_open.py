@@ -1,4 +1,4 @@
-"""Drawer open: pull the cabinet's drawer out by its handle (TASKS.md table, Meta-World drawer-open-v2 style).
+"""Drawer open: pull the cabinet's drawer out by its handle (docs/design.md §8.4, Meta-World drawer-open-v2 style).
 
 The cabinet stands back-left (jittered by up to 1.5 cm per episode); its drawer slides toward the camera over
 0.15 m. Success: drawer slide > 0.12 m. The expert hooks the closed fingers behind the handle bar and pulls.

@@ -1,12 +1,12 @@
 """Scripted-expert base class: phase machines on privileged state with DART-style perturbation.
 
-TASKS.md "Scripted experts and demo diversity": each expert is a small phase machine on privileged simulator
+docs/design.md §8.5 "Scripted experts and demo diversity": each expert is a small phase machine on privileged simulator
 state (body positions, joint q) driving the mocap with a P-controller, a speed cap in contact phases and a
 reactive fallback in every phase. Diversity comes from a per-episode gain and waypoint jitter sampled in
 :meth:`Expert.reset`, and from per-step Gaussian action noise added by :meth:`Expert.perturb` (DART, Laskey et al.
 2017: label the demo with the clean action, execute the perturbed one, so demos contain recoveries). An expert's
 ``quiet_phases`` execute clean: dish_rack's slot alignment, where noise only makes the expert land on a wall and
-back out, so its demos showed two different actions from the same place (README "Demo noise").
+back out, so its demos showed two different actions from the same place (docs/results.md "Demo noise").
 
 Subclass contract: implement ``_plan()`` (sample per-episode jitter from ``self.rng``; called by ``reset``) and
 ``_act() -> (xyz_command (3,), grip)`` which reads ``self.env`` state, updates ``self.phase`` and returns the

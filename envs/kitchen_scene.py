@@ -1,6 +1,6 @@
 """The kitchen scene shared by dish_rack, wipe and the two-stage kitchen: where its props sit and how they are placed.
 
-Issue 6 (a two-stage kitchen: wipe the table, then rack the dish) and TASKS.md "The suite". A skill adapter trained
+Issue 6 (a two-stage kitchen: wipe the table, then rack the dish) and docs/design.md §8.4. A skill adapter trained
 on a single-skill task must see the scene it will act in inside the kitchen, so both skill tasks show every kitchen
 prop: the plate holder (left) with the plate in it, the rack (right) with one slot lit, the sponge, and (in wipe
 and kitchen stage 1) the dirt. What differs between them is only what the kitchen's stage would show:

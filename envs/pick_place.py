@@ -1,7 +1,7 @@
-"""Pick-and-place: grasp the cyan block and hold it at a floating goal (TASKS.md table, Meta-World pick-place-v2).
+"""Pick-and-place: grasp the cyan block and hold it at a floating goal (docs/design.md §8.4, Meta-World pick-place-v2).
 
-The goal is the 2 cm magenta sphere on a yellow pole (height cue, TRAINING.md). Success: block centre within 3 cm
-of the goal centre. The expert regrasps whenever the block is not held.
+The goal is the 2 cm magenta sphere on a yellow pole (height cue, docs/design.md §8.2). Success: block centre
+within 3 cm of the goal centre. The expert regrasps whenever the block is not held.
 """
 
 from __future__ import annotations

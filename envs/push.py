@@ -1,4 +1,4 @@
-"""Push: slide the cyan block onto the magenta goal disc on the table (TASKS.md table, Meta-World push-v2 style).
+"""Push: slide the cyan block onto the magenta goal disc on the table (docs/design.md §8.4, Meta-World push-v2 style).
 
 Success: block centre within 3 cm (xy) of the disc centre. The expert pushes with the closed fingers from behind
 the block along the block-to-goal line and re-approaches whenever the hand is no longer behind the block.

@@ -1,7 +1,7 @@
-"""Reach: move the tool centre point to a floating goal sphere (TASKS.md table, Meta-World reach-v2 style).
+"""Reach: move the tool centre point to a floating goal sphere (docs/design.md §8.4, Meta-World reach-v2 style).
 
 The goal is a 2 cm magenta sphere on a yellow pole with a base disk (the pole gives the height cue the front camera
-lacks, TRAINING.md). Success: tcp within 3 cm of the sphere centre.
+lacks, docs/design.md §8.2). Success: tcp within 3 cm of the sphere centre.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Task registry: names, Gymnasium ids, time limits, env and expert classes (interfaces.md "Tasks and ids").
+"""Task registry: names, Gymnasium ids, time limits, env and expert classes (docs/design.md §8).
 
 Adding a task is one subclass of :class:`~robolora.envs.base.TabletopEnv` with its :class:`~robolora.envs.expert.
 Expert` beside it in ``envs/<task>.py`` plus one :class:`TaskSpec` line in :data:`SPECS`. Env and expert classes

@@ -1,6 +1,6 @@
 """Wipe (skill): pick up the sponge and scrub away every dirt spot on the table.
 
-TASKS.md "The suite" (wipe row), after robosuite's Wipe task: the dirt is a set of visual-only markers laid on a
+docs/design.md §8.4 (wipe row), after robosuite's Wipe task: the dirt is a set of visual-only markers laid on a
 random walk, and a spot counts as wiped when its centre lies inside the sponge's footprint while the sponge is
 held and pressed onto the table. Wiped spots turn invisible (alpha 0), so the remaining dirt is always visible
 to the policy; the colours are model fields that the base env restores on every reset. Success: all spots wiped.

@@ -1,10 +1,10 @@
-"""Configuration of the visuomotor transformer policy (DESIGN.md §3).
+"""Configuration of the visuomotor transformer policy (docs/design.md §3).
 
 ``PolicyConfig`` is a frozen dataclass validated on construction; sizes that follow from the fields (token counts,
 stem channels, head width) are properties. Three presets:
 
 - ``tiny``: d=32, 2 blocks, 2 heads (~42 k parameters), for tests and smoke runs.
-- ``base``: the shipped CPU-trainable default measured in TRAINING.md (d=128, 4 pre-norm blocks, 4 heads, K=8
+- ``base``: the shipped CPU-trainable default measured in docs/design.md §9.1 (d=128, 4 pre-norm blocks, 4 heads, K=8
   action queries, front camera through a conv stem to a 4x4 grid of 16 image tokens at 64 px; ~1.0 M parameters,
   ~300 samples/s at batch 64 fwd+bwd+AdamW on 2 CPU cores).
 - ``large``: a GPU-sized model (d=512, 12 blocks, 8 heads, 8x8 = 64 image tokens, ~38.5 M parameters).

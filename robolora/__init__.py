@@ -2,7 +2,7 @@
 
 One distribution, one import package. The repository's top-level folders ``envs/`` and ``policies/`` are
 installed as the subpackages ``robolora.envs`` and ``robolora.policies`` through setuptools' ``package-dir``
-mapping (see ``pyproject.toml`` and DESIGN.md §2), so nothing named ``envs`` or ``policies`` lands in
+mapping (see ``pyproject.toml`` and docs/design.md §2), so nothing named ``envs`` or ``policies`` lands in
 site-packages.
 """
 

@@ -1,4 +1,4 @@
-"""Skill adapter files: save, load, validate, attach, and convert to and from the PEFT layout (DESIGN.md §4).
+"""Skill adapter files: save, load, validate, attach, and convert to and from the PEFT layout (docs/design.md §4).
 
 An adapter folder holds ``adapter.safetensors`` (``<layer>.lora_A`` (r, d_in) and ``<layer>.lora_B`` (d_out, r)
 per adapted layer, plus the skill's ``skill_token`` (d_model,)) and ``adapter.json`` (skill name, LoRA config,

@@ -441,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-skill", help="train a new skill on the frozen base: LoRA adapter (or a baseline)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                           "example, the shipped dish_rack recipe (200 demos; 0.96 held-out, README 'The skill "
-                           "table'):\n  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 2 "
+                           "example, the shipped dish_rack recipe (200 demos, 0.96 held-out; docs/results.md 'The skill"
+                           " table'):\n  robolora train-skill --data data/dish_rack --out runs/dish_rack --rank 2 "
                            "--lr 2e-3 --steps 6000 --temporal-ensemble 0.05 \\\n      --targets "
                            "attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head,proprio_proj\n"
                            "the shipped wipe recipe executes 8-action chunks instead: --n-action-steps 8 in place of "

@@ -1,4 +1,4 @@
-"""LoRA hyper-parameters (DESIGN.md §4; Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models";
+"""LoRA hyper-parameters (docs/design.md §4; Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models";
 Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" for the rsLoRA scaling).
 
 One frozen dataclass describes one adapter: its rank r, alpha, which ``nn.Linear`` layers it targets, dropout on

@@ -1,6 +1,6 @@
 """Demo datasets: DART-labelled expert episodes on disk and a memory-mapped behaviour-cloning Dataset.
 
-DESIGN.md §5. A dataset is a folder of ``episode_XXXXXX.safetensors`` files plus ``manifest.json``. Each episode
+docs/design.md §5. A dataset is a folder of ``episode_XXXXXX.safetensors`` files plus ``manifest.json``. Each episode
 records the clean expert action as the label (``action``) and the noisy action that was executed
 (``action_exec``), as in DART (Laskey et al., 2017, "DART: Noise Injection for Robust Imitation Learning"), so the
 demos contain the recoveries a policy needs. ``success[t]`` is ``info["success"]`` after executing ``action[t]``.

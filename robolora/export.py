@@ -1,4 +1,4 @@
-"""Export a base policy, optionally with one skill merged in, as a controller bundle (DESIGN.md §6).
+"""Export a base policy, optionally with one skill merged in, as a controller bundle (docs/design.md §6).
 
 ``export_bundle(base, skill, out_dir)`` attaches the skill adapter, merges it, strips every LoRA module (the
 exported graph holds plain ``nn.Linear`` layers with W0 + s·BA) and writes, atomically (a temporary sibling folder

@@ -1,7 +1,7 @@
 """Training recipes built on the one BC loop (robolora.train): pretraining the base, and a new skill by LoRA
 (base frozen), full fine-tuning, or from scratch (the baselines of the skill table).
 
-A recipe turns dataset folders into a :class:`~robolora.data.BCDataset` with task-balanced sampling (TRAINING.md:
+A recipe turns dataset folders into a :class:`~robolora.data.BCDataset` with task-balanced sampling (docs/design.md §5:
 reach episodes are 8 steps, so uniform sampling starves it), builds or loads the policy, decides which
 parameters train, calls :func:`robolora.train.train` and saves the result as safetensors + JSON.
 """

@@ -1,4 +1,4 @@
-"""RL fine-tuning of a skill adapter with stable-baselines3's PPO, training only LoRA (DESIGN.md §5, last bullet).
+"""RL fine-tuning of a skill adapter with stable-baselines3's PPO, training only LoRA (docs/design.md §5, last bullet).
 
 Starting point: a behaviour-cloned adapter on the frozen base. PPO (Schulman et al., 2017) improves it on the
 skill's own environment; the base stays bit-identical and the result is an ordinary adapter folder.
@@ -6,8 +6,9 @@ skill's own environment; the base stays bit-identical and the result is an ordin
 Design choices (why):
 
 - Actions are chunks, as at deployment. robolora executes the first ``n_action_steps`` (h) of each predicted chunk
-  before re-querying, and TRAINING.md measured that re-planning every step (h = 1) drops dish_rack from ~0.5 to 0.0:
-  an RL policy acting every step would start from a useless actor and optimise a controller nobody deploys. So
+  before re-querying; in the prototype, re-planning every step (h = 1) dropped dish_rack from ~0.5 to 0.0
+  (docs/design.md §9.3): an RL policy acting every step would start from a useless actor and optimise a
+  controller nobody deploys. So
   one RL action is the first h actions of the chunk, flattened to (h * 4,), executed open-loop by
   :class:`ExecuteChunk` (macro-actions, as in RL with action chunking, Li et al., 2025, "Reinforcement Learning
   with Action Chunking"). The deterministic RL policy is then exactly what ``robolora eval`` runs.

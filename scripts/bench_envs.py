@@ -4,7 +4,7 @@ Usage:
     python scripts/bench_envs.py                                   # every available task, 20 episodes each
     python scripts/bench_envs.py --tasks push wipe --episodes 50 --noise 0.2 --cameras front wrist
 
-For each task the scripted expert (TASKS.md "Scripted experts") runs ``--episodes`` seeded episodes with DART
+For each task the scripted expert (docs/design.md §8.5) runs ``--episodes`` seeded episodes with DART
 noise. ``step ms`` is the whole ``env.step`` (physics, reward, observation rendering); ``render ms`` re-renders the
 same observation after each step to time the cameras alone; ``physics ms`` is their difference. ``demos/s`` counts
 only expert + env.step time on one core (the re-render is excluded).

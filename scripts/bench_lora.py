@@ -1,4 +1,4 @@
-"""First LoRA cost figures (issue 2; DESIGN.md §4): step latency of a plain transformer vs the same model with an
+"""First LoRA cost figures (issue 2; docs/design.md §4): step latency of a plain transformer vs the same model with an
 unmerged LoRA adapter on q/k/v/o, vs merged, plus whole-model merge and unmerge times.
 
 The model is a stand-alone pre-norm transformer encoder shaped like the policy's trunk (separate q/k/v/o

@@ -6,7 +6,7 @@ Usage:
 
 Each row is one registered task; the columns are the policy's front-camera observation (``--image-size`` pixels,
 upscaled with nearest-neighbour so the real resolution stays visible) after ``reset`` and at the step the
-scripted expert reaches success (noise-free expert; the first of five seeds that succeeds). TASKS.md
+scripted expert reaches success (noise-free expert; the first of five seeds that succeeds). docs/design.md §8.2
 ("Observations") asks that every target be visible at this resolution; this sheet is how to check it.
 """
 

@@ -257,7 +257,7 @@ def write_report(cells: Path, out_md: Path, out_png: Path, command: str) -> None
               "it, with weights exp(-M*i) from the oldest. Frozen = the base with task id 0. 'best: S' = the step "
               "kept after rollouts on validation seeds (from 30,000,000) every steps/6 steps (cells trained "
               "elsewhere: every 500 or 1000). Ensembled cells trained for chunks of 8 had their execution switched "
-              "afterwards, so their 'best' step was chosen executing chunks (README 'Temporal ensembling'). "
+              "afterwards, so their 'best' step was chosen executing chunks (docs/results.md 'Temporal ensembling'). "
               "Training time is wall-clock "
               "on the shared 2-core machine with up to four jobs running at once, so it measures the run, not the "
               "method; (GPU) marks a cell trained with the same recipe on one NVIDIA H200 with bf16 autocast, several jobs "

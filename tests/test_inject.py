@@ -1,4 +1,4 @@
-"""Injection by name pattern, model-wide adapter control, strip, and safetensors round trips (DESIGN.md §4)."""
+"""Injection by name pattern, model-wide adapter control, strip, and safetensors round trips (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRAConfig and LoRALinear: the LoRA maths, exact merge/unmerge, adapter bookkeeping (DESIGN.md §4)."""
+"""LoRAConfig and LoRALinear: the LoRA maths, exact merge/unmerge, adapter bookkeeping (docs/design.md §4)."""
 
 from __future__ import annotations
 
