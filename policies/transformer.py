@@ -1,4 +1,4 @@
-"""Visuomotor transformer policy: images + proprio + task -> a chunk of K actions (DESIGN.md §3).
+"""Visuomotor transformer policy: images + proprio + task -> a chunk of K actions (docs/design.md §3).
 
 An encoder-only transformer in the spirit of ACT (Zhao et al., 2023, "Learning Fine-Grained Bimanual Manipulation
 with Low-Cost Hardware"), written like nanoGPT. The sequence is
@@ -9,7 +9,7 @@ processed by pre-norm blocks with full attention; a linear head reads the K acti
 separate ``attn.q/k/v/o`` and ``mlp.fc1/fc2`` ``nn.Linear`` layers so LoRA can target them by name.
 
 A new skill on the frozen base has no task id, so ``set_skill_token`` installs a trainable (d_model,) token that
-replaces the task embedding for every sample (DESIGN.md §3, TRAINING.md "A new skill on the frozen base").
+replaces the task embedding for every sample (docs/design.md §3 and §9.3).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import PolicyConfig
+from robolora.policy import ChunkedActing, Execution, PolicySpec, TensorSpec, chunk_l1_loss
 
-_KEEP = object()  # set_execution: leave this setting as it is
+from .config import PolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ Batch = Mapping[str, Any]
 class ConvStem(nn.Module):
     """Stride-2 3x3 convs from (B, 3, S, S) to a (B, grid*grid, D) token grid.
 
-    No normalisation inside the conv stack: GroupNorm cost 15% of a training step on CPU (TRAINING.md) and
+    No normalisation inside the conv stack: GroupNorm cost 15% of a training step on CPU (docs/design.md §9.1) and
     BatchNorm couples samples and breaks under a frozen base. Instead the input is standardised, convs use
     Kaiming init for ReLU, and one LayerNorm on the few output tokens fixes their scale cheaply.
     """
@@ -105,7 +105,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class VisuomotorPolicy(nn.Module):
+class VisuomotorPolicy(ChunkedActing, nn.Module):
     """The policy. Training: ``forward(batch) -> (loss, metrics)``; acting: ``reset()`` + ``select_action(obs)``.
 
     Batches are dicts as produced by ``robolora.data.BCDataset`` (batched): ``rgb_<camera>`` uint8 (B, H, W, 3),
@@ -129,7 +129,6 @@ class VisuomotorPolicy(nn.Module):
         self.register_buffer("proprio_std", torch.ones(config.proprio_dim))
         self.register_parameter("skill_token", None)
         self._init_weights()
-        self._executor = ChunkExecutor(config)
 
     def _init_weights(self) -> None:
         for name, m in self.named_modules():
@@ -165,7 +164,7 @@ class VisuomotorPolicy(nn.Module):
         """Install (or with None remove) the skill token that replaces the task embedding for every sample.
 
         The token is registered as the parameter ``skill_token``, so it appears in ``parameters()`` and
-        ``state_dict()`` while set. Train it with weight decay 0 (TRAINING.md).
+        ``state_dict()`` while set. Train it with weight decay 0 (docs/design.md §9.3).
         """
         if token is not None:
             if not isinstance(token, nn.Parameter):
@@ -220,16 +219,7 @@ class VisuomotorPolicy(nn.Module):
         (a tanh head would saturate there). Padded steps (past the episode end) are masked out.
         """
         self._check_batch(batch, training=True)
-        pred = self.action_head(self._action_tokens(batch)).float()  # (B, K, A)
-        target = batch["action"].float()  # (B, K, A)
-        valid = (~batch["action_is_pad"].bool()).unsqueeze(-1).float()  # (B, K, 1)
-        denom = valid.sum().clamp_min(1.0) * self.config.action_dim
-        err = pred - target  # (B, K, A)
-        loss = (err.abs() * valid).sum() / denom
-        with torch.no_grad():
-            mse = (err.square() * valid).sum() / denom
-            l1_value, mse_value = torch.stack([loss, mse]).tolist()  # one device sync for both
-        return loss, {"train/loss": l1_value, "train/l1": l1_value, "train/mse": mse_value}
+        return chunk_l1_loss(self.action_head(self._action_tokens(batch)), batch)  # (B, K, A) before the clamp
 
     def _check_batch(self, batch: Batch, training: bool = False) -> None:
         cfg = self.config
@@ -249,118 +239,21 @@ class VisuomotorPolicy(nn.Module):
             raise ValueError(f"batch['action'] must be (B, {cfg.chunk_size}, {cfg.action_dim}), got "
                              f"{tuple(batch['action'].shape)}; build the dataset with chunk_size={cfg.chunk_size}")
 
-    # ---- acting --------------------------------------------------------------------------------------------
+    # ---- the protocol (robolora.policy) --------------------------------------------------------------------
 
-    def reset(self, indices: Sequence[int] | None = None) -> None:
-        """Forget queued / ensembled actions: all of them, or only those of the given batch elements
-        (e.g. the environments of a vector env that just reset)."""
-        self._executor.reset(indices)
-
-    def set_execution(self, n_action_steps: int | None = None, temporal_ensemble: float | None | object = _KEEP) -> None:
-        """Change how predicted chunks are executed (weights untouched): ``n_action_steps`` actions per query, or ACT
-        temporal ensembling with coefficient ``temporal_ensemble`` (needs ``n_action_steps=1``; None turns it off).
-        An argument left out keeps its current value.
-
-        Validated like the config; the action queue is cleared (call between episodes).
-        """
-        changes: dict[str, Any] = {}
-        if n_action_steps is not None:
-            changes["n_action_steps"] = int(n_action_steps)
-        if temporal_ensemble is not _KEEP:
-            changes["temporal_ensemble"] = temporal_ensemble
-        config = dataclasses.replace(self.config, **changes)  # __post_init__ validates
-        self.config = config
-        self._executor = ChunkExecutor(config)
-
-    @torch.no_grad()
-    def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
-        """Next action for an env observation, (A,) float32 for one env or (B, A) for a batch.
-
-        ``obs`` holds ``rgb_<camera>`` (uint8, (H, W, 3) or (B, H, W, 3)), ``proprio`` and optionally ``task_id``
-        (int or (B,), default 0; ignored while a skill token is set), as numpy arrays or tensors. Re-queries the
-        model every ``n_action_steps`` calls per element, or every call with temporal ensembling. Runs under
-        ``torch.no_grad`` (not inference_mode, whose tensors would block later in-place LoRA weight swaps).
-        """
+    @property
+    def spec(self) -> PolicySpec:
+        """Observation/action spaces, chunk length, default execution, task input and skill-token size."""
         cfg = self.config
-        proprio = torch.as_tensor(obs["proprio"])
-        unbatched = proprio.dim() == 1
-        batch = {}
-        device = self.action_queries.device
-        for key in (*cfg.image_keys, "proprio"):
-            if key not in obs:
-                raise KeyError(f"observation lacks {key!r} (has {sorted(obs)}); make the env with "
-                               f"cameras={cfg.cameras}")
-            value = torch.as_tensor(obs[key], device=device)
-            batch[key] = value.unsqueeze(0) if unbatched else value
-        B = batch["proprio"].shape[0]
-        task_id = torch.as_tensor(obs.get("task_id", 0), device=device, dtype=torch.long)
-        batch["task_id"] = task_id.expand(B) if task_id.dim() == 0 else task_id.reshape(B)
-        action = self._executor.step(batch, self.predict_chunk)  # (B, A)
-        action = action.float().cpu().numpy()
-        return action[0] if unbatched else action
+        image = TensorSpec((cfg.image_size, cfg.image_size, 3), "uint8", 0, 255)
+        proprio = TensorSpec((cfg.proprio_dim,), "float32", mean=self.proprio_mean.tolist(),
+                             std=self.proprio_std.tolist())
+        return PolicySpec(observation={**dict.fromkeys(cfg.image_keys, image), "proprio": proprio},
+                          action=TensorSpec((cfg.action_dim,), "float32", -1.0, 1.0), chunk_size=cfg.chunk_size,
+                          execution=Execution(cfg.n_action_steps, cfg.temporal_ensemble), task_key="task_id",
+                          num_tasks=cfg.num_tasks, skill_token_dim=cfg.d_model)
+
+    def _set_default_execution(self, execution: Execution) -> None:
+        self.config = dataclasses.replace(self.config, **execution.to_dict())  # __post_init__ validates
 
 
-class ChunkExecutor:
-    """Turns predicted chunks into one action per step, per batch element (ACT / LeRobot semantics).
-
-    Without ensembling each element executes the first ``n_action_steps`` actions of its chunk, then the model is
-    queried again (for the elements that ran out only). With ``temporal_ensemble = m`` the model is queried every
-    step and the action for time t is the weighted mean of every chunk's prediction for t, with weight
-    exp(-m * i) for the i-th oldest prediction (ACT: older predictions weigh more, which smooths motion).
-    """
-
-    def __init__(self, config: PolicyConfig) -> None:
-        self.config = config
-        self.chunks: torch.Tensor | None = None  # (B, K, A) current chunk, or ensemble weighted sums
-        self.position: torch.Tensor | None = None  # (B,) index of the next action; K means "query"
-        self.counts: torch.Tensor | None = None  # (B, K) predictions accumulated per future step (ensembling)
-        self.weights: torch.Tensor | None = None  # (B, K) summed ensemble weights per future step
-
-    def reset(self, indices: Sequence[int] | None = None) -> None:
-        if indices is None or self.chunks is None:
-            self.chunks = self.position = self.counts = self.weights = None
-            return
-        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.chunks.device)
-        self.position[idx] = self.config.chunk_size
-        self.chunks[idx] = 0.0
-        self.counts[idx] = 0
-        self.weights[idx] = 0.0
-
-    def step(self, batch: dict[str, torch.Tensor], predict: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
-        cfg = self.config
-        B = batch["proprio"].shape[0]
-        if self.chunks is not None and self.chunks.shape[0] != B:
-            raise ValueError(f"select_action got a batch of {B} but the action queue holds {self.chunks.shape[0]}; "
-                             f"call policy.reset() when the number of environments changes")
-        if self.chunks is None:
-            device = batch["proprio"].device
-            self.chunks = torch.zeros(B, cfg.chunk_size, cfg.action_dim, device=device)
-            self.position = torch.full((B,), cfg.chunk_size, dtype=torch.long, device=device)
-            self.counts = torch.zeros(B, cfg.chunk_size, dtype=torch.long, device=device)
-            self.weights = torch.zeros(B, cfg.chunk_size, device=device)
-        if cfg.temporal_ensemble is not None:
-            return self._ensemble_step(predict(batch).float())
-        need = self.position >= cfg.n_action_steps  # (B,)
-        if need.any():
-            rows = need.nonzero().squeeze(1)
-            sub = batch if bool(need.all()) else {k: v[rows] for k, v in batch.items()}
-            self.chunks[rows] = predict(sub).float()  # (b, K, A)
-            self.position[rows] = 0
-        action = self.chunks[torch.arange(B, device=self.chunks.device), self.position]  # (B, A)
-        self.position += 1
-        return action
-
-    def _ensemble_step(self, chunk: torch.Tensor) -> torch.Tensor:
-        # slot j of the buffers is the action for time t + j
-        w = torch.exp(-self.config.temporal_ensemble * self.counts.float())  # (B, K)
-        self.chunks += w.unsqueeze(-1) * chunk
-        self.weights += w
-        self.counts += 1
-        action = self.chunks[:, 0] / self.weights[:, :1]  # (B, A)
-        self.chunks = torch.roll(self.chunks, -1, dims=1)
-        self.weights = torch.roll(self.weights, -1, dims=1)
-        self.counts = torch.roll(self.counts, -1, dims=1)
-        self.chunks[:, -1] = 0.0
-        self.weights[:, -1] = 0.0
-        self.counts[:, -1] = 0
-        return action

@@ -21,8 +21,9 @@ observation (or model output) is bad gets the *hold* action instead and the faul
 Actions are clamped to ``action.low``/``action.high``. ``run_episodes`` runs a fixed-rate loop (sleeping until each
 tick's deadline, counting ticks whose work overran it, then re-anchoring rather than bursting to catch up).
 
-This module must import without torch: it imports numpy, onnxruntime and the torch-free ``robolora.stats``;
-``control_main`` imports gymnasium and ``robolora.envs`` (which import no torch either) when called.
+This module must import without torch: it imports numpy, onnxruntime and the torch-free ``robolora.stats`` and
+``robolora.episodes`` (the episode runner); ``run_episodes`` and ``control_main`` import gymnasium, and
+``control_main`` ``robolora.envs`` (which import no torch either), when called.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from robolora.stats import EVAL_SEED, wilson_interval
+from robolora.episodes import Episode, Tick, play_episodes, timing_metrics
+from robolora.stats import EVAL_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -390,69 +392,70 @@ class _ChunkQueue:
 
 
 # ------------------------------------------------------------------------------------------ the control loop
+class _FixedRate:
+    """Tick deadlines 1/hz apart. A tick that ended before its deadline sleeps until it; one that overran it is a
+    miss and re-anchors the next deadline one period after its end (no burst of short ticks to catch up)."""
+
+    def __init__(self, hz: float | None) -> None:
+        self.period = 1.0 / hz if hz else None
+        self.deadline = 0.0
+
+    def start(self) -> None:
+        self.deadline = time.perf_counter() + (self.period or 0.0)
+
+    def wait(self, tick_end: float) -> bool:
+        """Hold until the deadline of the tick whose work ended at ``tick_end``; False when it missed it."""
+        if self.period is None:
+            return True
+        if tick_end > self.deadline:
+            self.deadline = tick_end + self.period
+            return False
+        time.sleep(max(0.0, self.deadline - time.perf_counter()))
+        self.deadline += self.period
+        return True
+
+
 def run_episodes(env: Any, controller: Controller, episodes: int, hz: float | None = None, seed: int = EVAL_SEED,
                  on_episode: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Drive ``env`` (one Gymnasium env) with ``controller`` for seeded episodes ``seed, seed + 1, ...``.
 
     With ``hz`` each tick (select_action + env.step) has a deadline 1/hz after the previous one; the loop sleeps
     until it, or counts a miss and re-anchors when the tick overran. ``hz`` None or 0 runs as fast as possible.
-    The env's spaces are checked first (``BundleError`` before any step). Returns ``control/...`` metrics and the
-    per-episode list (seed, success, length, faults, deadline misses).
+    The env's spaces are checked first (``BundleError`` before any step). Returns ``control/...`` metrics
+    (``policy_ms`` times select_action, ``tick_ms`` select_action + env.step) and the per-episode list (seed,
+    success, length, faults, deadline misses).
     """
-    if episodes < 1:
-        raise ValueError(f"episodes={episodes}: must be >= 1")
     if hz is not None and not hz >= 0:
         raise ValueError(f"hz={hz}: must be > 0, or 0 / None to run unpaced")
     controller.check_env(env.observation_space, env.action_space)
-    period = 1.0 / hz if hz else None
-    policy_s, tick_s, results = [], [], []
-    for episode in range(episodes):
-        obs, info = env.reset(seed=seed + episode)
+    rate = _FixedRate(hz)
+    faults_at_reset = 0
+
+    def on_reset(started: list[Episode], info: dict[str, Any]) -> None:
+        nonlocal faults_at_reset
         controller.reset()
-        faults_before, misses, length = controller.fault_count, 0, 0
-        success = bool(info.get("success", False))
-        deadline = time.perf_counter() + (period or 0.0)
-        while True:
-            t0 = time.perf_counter()
-            action = controller.select_action(obs)
-            t1 = time.perf_counter()
-            obs, _, terminated, truncated, info = env.step(action)
-            t2 = time.perf_counter()
-            policy_s.append(t1 - t0)
-            tick_s.append(t2 - t0)
-            length += 1
-            success |= bool(info.get("success", False))
-            if terminated or truncated:
-                break
-            if period is not None:
-                if t2 > deadline:
-                    misses += 1
-                    deadline = t2 + period
-                else:
-                    time.sleep(deadline - t2)
-                    deadline += period
-        results.append({"seed": seed + episode, "success": success, "length": length,
-                        "faults": controller.fault_count - faults_before, "deadline_misses": misses})
-        if on_episode is not None:
-            on_episode(len(results))
-    wins = sum(r["success"] for r in results)
-    low, high = wilson_interval(wins, len(results))
-    policy_ms, tick_ms = np.asarray(policy_s) * 1e3, np.asarray(tick_s) * 1e3
+        faults_at_reset = controller.fault_count
+        started[0].success = bool(info.get("success", False))  # the controller also counts a scene that starts solved
+        started[0].fields.update(faults=0, deadline_misses=0)
+        rate.start()
+
+    def on_step(tick: Tick) -> None:
+        episode = tick.episodes[0]
+        episode.fields["faults"] = controller.fault_count - faults_at_reset
+        if tick.running[0] and not rate.wait(tick.stepped_at):
+            episode.fields["deadline_misses"] += 1
+
+    run = play_episodes(env, controller.select_action, episodes, seed=seed, on_reset=on_reset, on_step=on_step,
+                        progress=on_episode)
     return {
-        "control/success_rate": wins / len(results),
-        "control/ci_low": low,
-        "control/ci_high": high,
-        "control/mean_length": float(np.mean([r["length"] for r in results])),
-        "control/episodes": len(results),
-        "control/ticks": len(tick_s),
-        "control/faults": sum(r["faults"] for r in results),
-        "control/deadline_misses": sum(r["deadline_misses"] for r in results),
+        **run.metrics("control"),
+        "control/ticks": len(run.tick_s),
+        "control/faults": sum(e["faults"] for e in run.episodes),
+        "control/deadline_misses": sum(e["deadline_misses"] for e in run.episodes),
         "control/hz": float(hz or 0.0),
-        "control/policy_ms_p50": float(np.percentile(policy_ms, 50)),
-        "control/policy_ms_p99": float(np.percentile(policy_ms, 99)),
-        "control/tick_ms_p50": float(np.percentile(tick_ms, 50)),
-        "control/tick_ms_p99": float(np.percentile(tick_ms, 99)),
-        "episodes": results,
+        **timing_metrics("control/policy", run.act_s, "ms"),
+        **timing_metrics("control/tick", run.tick_s, "ms"),
+        "episodes": run.episodes,
     }
 
 

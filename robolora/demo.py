@@ -21,6 +21,7 @@ import torch
 from robolora.config import LoRAConfig
 from robolora.inject import inject_lora, lora_layers, merge_adapter, set_active_adapter, unmerge
 from robolora.policies import PolicyConfig, VisuomotorPolicy
+from robolora.policy import probe_batch
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -32,22 +33,12 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def probe_batch(config: PolicyConfig, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A fixed random observation batch in the policy's input format."""
-    g = torch.Generator().manual_seed(seed)
-    batch = {key: torch.randint(0, 256, (batch_size, config.image_size, config.image_size, 3), generator=g,
-                                dtype=torch.uint8) for key in config.image_keys}
-    batch["proprio"] = torch.randn(batch_size, config.proprio_dim, generator=g)
-    batch["task_id"] = torch.zeros(batch_size, dtype=torch.long)
-    return batch
-
-
 @torch.no_grad()
 def lora_demo(preset: str = "base", rank: int = 8, repeats: int = 200, seed: int = 0) -> dict[str, float]:
     """Run the demonstration; returns measured values with slash keys."""
     torch.manual_seed(seed)
     policy = VisuomotorPolicy(PolicyConfig.preset(preset)).eval()
-    batch = probe_batch(policy.config)
+    batch = probe_batch(policy)
     plain = policy.predict_chunk(batch)
     w0 = {n: p.detach().clone() for n, p in policy.named_parameters()}
     plain_ms = _median_ms(lambda: policy.predict_chunk(batch), repeats)
@@ -124,7 +115,7 @@ def step_latency(base: str | Any, skill: str | Any, repeats: int = 300, device: 
         name = managers[mode].load(resolve_skill(skill)).skill
         managers[mode].activate(name)
         managers[mode].apply_pending()
-    batch = {k: v.to(device) for k, v in probe_batch(policies["plain"].config).items()}
+    batch = {k: v.to(device) for k, v in probe_batch(policies["plain"]).items()}
     fns: dict[str, Callable[[], Any]] = {"plain": lambda: policies["plain"].predict_chunk(batch)}
     fns.update({mode: functools.partial(m.predict_chunk, batch) for mode, m in managers.items()})
     for fn in fns.values():  # warm-up

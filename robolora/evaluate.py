@@ -9,8 +9,6 @@ policy call until all have ended; results do not depend on ``num_envs``.
 from __future__ import annotations
 
 import functools
-import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from robolora.episodes import play_episodes, timing_metrics
 from robolora.stats import EVAL_SEED, wilson_interval
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["EVAL_SEED", "evaluate", "make_env", "wilson_interval", "write_video"]
 
@@ -83,8 +80,9 @@ def evaluate(
 
     ``policy`` needs ``reset()`` and ``select_action(obs)`` on a batched observation dict (a VisuomotorPolicy,
     a SkillManager, or the torch-free controller). ``task_id`` is added to every observation when given.
-    Returns ``eval/success_rate``, ``eval/ci_low``, ``eval/ci_high``, ``eval/mean_length``,
-    ``eval/latency_ms_p50``, ``eval/latency_ms_p99`` and the per-episode ``episodes`` list.
+    Returns ``eval/success_rate``, ``eval/ci_low``, ``eval/ci_high``, ``eval/mean_length``, ``eval/episodes``,
+    ``eval/latency_ms_p50|p99|max`` (the ``select_action`` call), the per-episode ``episodes`` list (seed, success,
+    length) and ``video`` when written.
     """
     if episodes < 1:
         raise ValueError(f"episodes={episodes}: must be >= 1")
@@ -93,59 +91,20 @@ def evaluate(
     kwargs = dict(env_kwargs or {})
     if video_path is not None:
         kwargs["render_mode"] = "rgb_array"
-    results: list[dict[str, Any]] = []
-    latencies: list[float] = []
-    frames: list[np.ndarray] = []
     envs = _make_envs(env_id, min(num_envs, episodes), kwargs)
+    task_ids = {} if task_id is None else {"task_id": np.full(envs.num_envs, task_id, dtype=np.int64)}
+
+    def act(obs: dict[str, np.ndarray]) -> np.ndarray:
+        return policy.select_action({**obs, **task_ids})
+
     try:
-        n = envs.num_envs
-        for wave_start in range(0, episodes, n):
-            seeds = [seed + wave_start + i for i in range(n)]
-            active = min(n, episodes - wave_start)
-            obs, info = envs.reset(seed=seeds)
-            policy.reset()
-            done = np.zeros(n, dtype=bool)
-            done[active:] = True  # padding envs of the last wave: stepped but not counted
-            success = np.zeros(n, dtype=bool)
-            length = np.zeros(n, dtype=int)
-            record = video_path is not None and wave_start == 0
-            if record:
-                frames.append(envs.call("render")[0])
-            while not done.all():
-                if task_id is not None:
-                    obs = {**obs, "task_id": np.full(n, task_id, dtype=np.int64)}
-                t0 = time.perf_counter()
-                action = policy.select_action(obs)
-                latencies.append(time.perf_counter() - t0)
-                obs, _, terminated, truncated, info = envs.step(np.asarray(action, dtype=np.float32))
-                if record and not done[0]:
-                    frames.append(envs.call("render")[0])
-                step_success = np.asarray(info.get("success", np.zeros(n, dtype=bool)), dtype=bool)
-                live = ~done
-                length[live] += 1
-                success[live] |= step_success[live]
-                done |= np.asarray(terminated) | np.asarray(truncated)
-            for i in range(active):
-                results.append({"seed": seeds[i], "success": bool(success[i]), "length": int(length[i])})
-                if on_episode is not None:
-                    on_episode(len(results))
-            logger.info("%s: %d/%d episodes, success so far %.2f", env_id, len(results), episodes,
-                        np.mean([r["success"] for r in results]))
+        run = play_episodes(envs, act, episodes, seed=seed, on_reset=lambda _episodes, _info: policy.reset(),
+                            render=None if video_path is None else lambda: envs.call("render")[0],
+                            progress=on_episode)
     finally:
         envs.close()
-    wins = sum(r["success"] for r in results)
-    low, high = wilson_interval(wins, len(results))
-    lat_ms = np.asarray(latencies) * 1e3
-    metrics: dict[str, Any] = {
-        "eval/success_rate": wins / len(results),
-        "eval/ci_low": low,
-        "eval/ci_high": high,
-        "eval/mean_length": float(np.mean([r["length"] for r in results])),
-        "eval/latency_ms_p50": float(np.percentile(lat_ms, 50)),
-        "eval/latency_ms_p99": float(np.percentile(lat_ms, 99)),
-        "eval/episodes": len(results),
-        "episodes": results,
-    }
+    metrics: dict[str, Any] = {**run.metrics("eval"), **timing_metrics("eval/latency", run.act_s, "ms"),
+                               "episodes": run.episodes}
     if video_path is not None:
-        metrics["video"] = str(write_video(frames, video_path))
+        metrics["video"] = str(write_video(run.frames, video_path))
     return metrics

@@ -1,16 +1,19 @@
-"""Module-tree surgery for LoRA (DESIGN.md §4): find target ``nn.Linear`` layers by name, wrap them in
-``LoRALinear``, freeze everything else, and act on every wrapped layer at once (activate, merge, unmerge, remove,
-strip back to plain ``nn.Linear``).
+"""Module-tree surgery for LoRA (docs/design.md §4): find target layers by name, wrap them, freeze everything
+else, and act on every wrapped layer at once (activate, merge, unmerge, remove, strip back to the plain modules).
 
-Target patterns are described in ``robolora.config`` (exact name, dotted suffix such as ``attn.q``, or
-``re:<regex>`` matched with ``re.fullmatch``). Names are the model's qualified module names; a layer that is
-already wrapped keeps its original name (``blocks.0.attn.q``, not ``blocks.0.attn.q.base_layer``).
+Targets are ``nn.Linear`` layers (wrapped in ``LoRALinear``) and the projections of ``nn.MultiheadAttention``
+modules, named ``<module path>.q``, ``.k``, ``.v`` and ``.out_proj`` (the module is wrapped in
+``robolora.lora_mha.LoRAMultiheadAttention``). Target patterns are described in ``robolora.config`` (exact name,
+dotted suffix such as ``attn.q`` or ``self_attn.q``, or ``re:<regex>`` matched with ``re.fullmatch``). Names are
+the model's qualified module names; a layer that is already wrapped keeps its original name (``blocks.0.attn.q``,
+not ``blocks.0.attn.q.base_layer``).
 
 Every function that changes the model either succeeds or leaves the model as it was.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -20,11 +23,13 @@ import torch
 from torch import nn
 
 from robolora.config import REGEX_PREFIX, LoRAConfig
-from robolora.lora import AdapterSpec, LoRALinear, adapter_weights
+from robolora.lora import AdapterSpec, LoRALayer, LoRALinear, adapter_weights
+from robolora.lora_mha import PROJECTIONS, LoRAMultiheadAttention, projection_slots
 
 logger = logging.getLogger(__name__)
 
-_FUSED_ATTENTION = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_FUSED_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+Wrapper = LoRALinear | LoRAMultiheadAttention
 
 
 def target_matches(name: str, pattern: str) -> bool:
@@ -43,44 +48,84 @@ def inject_lora(
     Raises ValueError, leaving the model unchanged, when a pattern matches nothing, when the adapter name is
     taken, or when the model holds fused attention modules that would bypass the wrapped projections.
     """
-    _refuse_fused_attention(model)
-    layers = _linear_layers(model)
+    _refuse_fused_layers(model)
+    layers = _candidates(model)
     missing = [p for p in config.targets if not any(target_matches(n, p) for n in layers)]
     if missing:
         raise ValueError(
-            f"target pattern(s) {missing} match no nn.Linear layer; layers: {sorted(layers)} "
+            f"target pattern(s) {missing} match no nn.Linear layer or attention projection; layers: {sorted(layers)} "
             f"(patterns: exact name, dotted suffix like 'attn.q', or '{REGEX_PREFIX}<regex>')"
         )
     targets = [n for n in layers if any(target_matches(n, p) for p in config.targets)]
-    taken = [n for n in targets if isinstance(layers[n], LoRALinear) and adapter_name in layers[n].adapters]
+    taken = [n for n in targets if isinstance(layers[n], LoRALayer) and adapter_name in layers[n].adapters]
     if taken:
         raise ValueError(f"adapter {adapter_name!r} already exists in {taken}; remove it or pick another name")
-    wrapped: list[tuple[str, LoRALinear]] = []
-    extended: list[LoRALinear] = []
+    if config.dropout > 0 and any(not isinstance(layers[n], (nn.Linear, LoRALinear)) for n in targets):
+        raise ValueError(f"LoRA dropout={config.dropout} acts on a layer's input, which nn.MultiheadAttention does not "
+                         "expose per projection; use dropout=0 with attention projection targets")
+    wrapped: list[tuple[str, Wrapper]] = []
+    extended: list[LoRALayer] = []
     try:
         for name in targets:
             layer = layers[name]
-            if not isinstance(layer, LoRALinear):
-                layer = LoRALinear(layer)
-                wrapped.append((name, layer))
-                _set_submodule(model, name, layer)
+            if not isinstance(layer, LoRALayer):
+                layer = _wrap(model, name, layer, wrapped)
             layer.add_adapter(adapter_name, config, generator=generator)
             extended.append(layer)
     except Exception:
         for layer in extended:
             layer.remove_adapter(adapter_name)
-        for name, layer in reversed(wrapped):
-            for param_name, param in layer.base_layer.named_parameters():
-                param.requires_grad_(layer.base_requires_grad[param_name])
-            _set_submodule(model, name, layer.base_layer)
+        for name, wrapper in reversed(wrapped):
+            _unwrap(model, name, wrapper)
         raise
     logger.info("LoRA adapter %r (rank %d) added to %d layers", adapter_name, config.rank, len(targets))
     return targets
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every ``LoRALinear`` in the model by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def _wrap(model: nn.Module, name: str, layer: nn.Module, wrapped: list[tuple[str, Wrapper]]) -> LoRALayer:
+    """Wrap the module behind target ``name`` (a Linear, or the attention module of a projection); returns the
+    target's LoRA layer."""
+    if isinstance(layer, nn.Linear):
+        wrapper = LoRALinear(layer)
+        wrapped.append((name, wrapper))
+        _set_submodule(model, name, wrapper)
+        return wrapper
+    parent, _, projection = name.rpartition(".")
+    mha = model.get_submodule(parent)
+    if not isinstance(mha, LoRAMultiheadAttention):
+        mha = LoRAMultiheadAttention(mha)
+        wrapped.append((parent, mha))
+        _set_submodule(model, parent, mha)
+    return mha.projections[projection]
+
+
+def _unwrap(model: nn.Module, name: str, wrapper: Wrapper) -> None:
+    """Put the wrapped module back (its base weights bound, their requires_grad restored)."""
+    for param_name, param in wrapper.base_layer.named_parameters():
+        param.requires_grad_(wrapper.base_requires_grad[param_name])
+    _set_submodule(model, name, wrapper.base_layer)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every LoRA layer (``LoRALinear`` or attention projection) in the model by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def lora_wrappers(model: nn.Module) -> dict[str, Wrapper]:
+    """Every wrapped module (``LoRALinear`` or ``LoRAMultiheadAttention``) by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAMultiheadAttention))}
+
+
+def target_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every LoRA target of the model, wrapped or not, by qualified name."""
+    out = {}
+    for name, layer in _candidates(model).items():
+        if isinstance(layer, (nn.Linear, LoRALayer)):
+            out[name] = (layer.out_features, layer.in_features)
+        else:  # a projection of a plain nn.MultiheadAttention
+            weight = _projection_weight(layer, name.rpartition(".")[2])
+            out[name] = (weight.shape[0], weight.shape[1])
+    return out
 
 
 def mark_only_lora_trainable(model: nn.Module, extra: Iterable[nn.Parameter] = ()) -> None:
@@ -100,7 +145,7 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     Returns ``{"trainable": int, "total": int, "percent": float, "layers": {name: {"trainable", "total"}}}``;
     a LoRA layer counts its base weights and all its adapters under its own name.
     """
-    wrappers = lora_layers(model)
+    wrappers = lora_wrappers(model)
     layers: dict[str, dict[str, int]] = {}
     for param_name, param in model.named_parameters():
         owner = param_name.rpartition(".")[0]
@@ -167,52 +212,92 @@ def strip_lora(model: nn.Module, merge: AdapterSpec | None = None) -> list[str]:
     """
     layers = _require_lora(model)
     weights = None if merge is None else _model_weights(layers, merge)
-    plain: dict[str, nn.Linear] = {}
-    for name, layer in layers.items():
-        subset = None if weights is None else _layer_subset(layer, weights)
-        weight = layer.merged_weight(subset) if subset else layer.pristine_weight.clone()
-        plain[name] = _plain_linear(layer, weight)
-    for name, linear in plain.items():
-        _set_submodule(model, name, linear)
-    logger.info("stripped LoRA from %d layers (merged: %s)", len(plain), weights)
+    plain: dict[str, nn.Module] = {}
+    for name, wrapper in lora_wrappers(model).items():
+        units = [wrapper] if isinstance(wrapper, LoRALinear) else list(wrapper.projections.values())
+        merged = []
+        for unit in units:
+            subset = None if weights is None else _layer_subset(unit, weights)
+            merged.append(unit.merged_weight(subset) if subset else unit.pristine_weight.clone())
+        plain[name] = _plain_module(wrapper, units, merged)
+    for name, module in plain.items():
+        _set_submodule(model, name, module)
+    logger.info("stripped LoRA from %d modules (merged: %s)", len(plain), weights)
     return list(plain)
 
 
-def _merge_or_unmerge(layer: LoRALinear, weights: dict[str, float] | None) -> None:
+def _merge_or_unmerge(layer: LoRALayer, weights: dict[str, float] | None) -> None:
     if weights:
         layer.merge(weights)
     else:
         layer.unmerge()
 
 
-def _plain_linear(layer: LoRALinear, weight: torch.Tensor) -> nn.Linear:
-    base = layer.base_layer
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=layer.base_requires_grad["weight"])
-    if base.bias is not None:
-        linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=layer.base_requires_grad["bias"])
-    return linear.train(base.training)
+def _plain_module(wrapper: Wrapper, units: list[LoRALayer], weights: list[torch.Tensor]) -> nn.Module:
+    """The wrapped module with fresh Parameters holding ``weights`` (one per LoRA layer, W0 or merged)."""
+    base = wrapper.base_layer
+    if isinstance(wrapper, LoRALinear):
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weights[0], requires_grad=wrapper.base_requires_grad["weight"])
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=wrapper.base_requires_grad["bias"])
+        return linear.train(base.training)
+    plain = copy.deepcopy(base)  # the attention module's config and its other weights (biases, bias_k, ...)
+    named = dict(base.named_parameters())
+    for group in wrapper.weight_groups().values():
+        first = group[0]
+        owner = plain.out_proj if first.weight_owner is base.out_proj else plain
+        full = torch.cat([weights[units.index(p)] for p in group]) if first.weight_rows is not None \
+            else weights[units.index(first)]
+        setattr(owner, first.weight_name, nn.Parameter(full.detach().clone()))
+    for param_name, param in plain.named_parameters():
+        param.requires_grad_(wrapper.base_requires_grad[param_name])
+    assert set(dict(plain.named_parameters())) == set(named)
+    return plain
 
 
-def _linear_layers(model: nn.Module) -> dict[str, nn.Linear | LoRALinear]:
-    """Candidate layers: every LoRALinear and every nn.Linear not already inside one, by qualified name."""
-    layers: dict[str, nn.Linear | LoRALinear] = {}
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Possible targets by qualified name: every LoRA layer, every nn.Linear not inside a wrapper or an attention
+    module, and the q/k/v/out_proj projections (as the attention module) of every plain nn.MultiheadAttention."""
+    layers: dict[str, nn.Module] = {}
+    owned: list[str] = []  # modules whose children are not targets of their own
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) or (isinstance(module, nn.Linear) and name.rpartition(".")[0] not in layers):
+        if any(name.startswith(o + ".") for o in owned):
+            if isinstance(module, LoRALayer):
+                layers[name] = module
+            continue
+        if isinstance(module, LoRALinear):
             layers[name] = module
+            owned.append(name)
+        elif isinstance(module, LoRAMultiheadAttention):
+            owned.append(name)
+        elif isinstance(module, nn.MultiheadAttention):
+            for projection in PROJECTIONS:
+                layers[f"{name}.{projection}"] = module
+            owned.append(name)
+        elif isinstance(module, nn.Linear):
+            layers[name] = module
+            owned.append(name)
     if "" in layers:
         raise ValueError("the model itself is a single layer; wrap it directly with LoRALinear(layer)")
     return layers
 
 
-def _refuse_fused_attention(model: nn.Module) -> None:
-    fused = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, _FUSED_ATTENTION)]
+def _projection_weight(mha: nn.MultiheadAttention, projection: str) -> torch.Tensor:
+    owner, weight_name, rows = projection_slots(mha)[projection]
+    weight = getattr(owner, weight_name)
+    return weight if rows is None else weight[rows]
+
+
+def _refuse_fused_layers(model: nn.Module) -> None:
+    fused = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, _FUSED_LAYERS)]
     if fused:
         raise ValueError(
-            f"the model contains fused attention modules {fused}: their fast path (eval mode, F.multi_head_attention"
-            "_forward) reads the packed in_proj weight directly, so wrapped q/k/v/o projections would be silently "
-            "bypassed. Write attention with separate q, k, v, o nn.Linear layers and "
-            "F.scaled_dot_product_attention (as robolora.policies does), then inject LoRA."
+            f"the model contains fused transformer layers {fused}: their eval-mode fast path "
+            "(torch._transformer_encoder_layer_fwd) reads the attention's packed weights through the layer itself, "
+            "so LoRA on their projections would be bypassed or break it. Write the block yourself from "
+            "nn.MultiheadAttention and nn.Linear layers (as robolora.policies.ACTPolicy does); LoRA reaches "
+            "nn.MultiheadAttention's q/k/v/out_proj and every nn.Linear."
         )
 
 
@@ -221,18 +306,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
-def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
+def _require_lora(model: nn.Module) -> dict[str, LoRALayer]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; call inject_lora(model, config) first")
     return layers
 
 
-def _model_weights(layers: dict[str, LoRALinear], spec: AdapterSpec) -> dict[str, float]:
+def _model_weights(layers: dict[str, LoRALayer], spec: AdapterSpec) -> dict[str, float]:
     """Validate a name or {name: weight} against the adapters attached anywhere in the model."""
     return adapter_weights(spec, sorted({a for layer in layers.values() for a in layer.adapters}))
 
 
-def _layer_subset(layer: LoRALinear, weights: Mapping[str, float]) -> dict[str, float] | None:
+def _layer_subset(layer: LoRALayer, weights: Mapping[str, float]) -> dict[str, float] | None:
     subset = {name: w for name, w in weights.items() if name in layer.adapters}
     return subset or None

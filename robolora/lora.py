@@ -1,4 +1,4 @@
-"""LoRALinear: several named low-rank adapters beside one frozen ``nn.Linear`` (DESIGN.md §4; Hu et al. 2021).
+"""LoRALinear: several named low-rank adapters beside one frozen ``nn.Linear`` (docs/design.md §4; Hu et al. 2021).
 
 For the frozen base layer (W0: d_out x d_in, bias b) and each adapter i (A_i: r x d_in ~ N(0, std^2), B_i: d_out x r
 = 0, s_i = alpha / r or alpha / sqrt(r)) the layer computes, for the active set {i: w_i},
@@ -31,35 +31,46 @@ from robolora.config import LoRAConfig
 AdapterSpec = str | Mapping[str, float]
 
 
-class LoRALinear(nn.Module):
-    """Wraps (does not subclass) a frozen ``nn.Linear`` and holds named adapters ``lora_A[name]``/``lora_B[name]``."""
+class LoRALayer(nn.Module):
+    """Named adapters ``lora_A[name]``/``lora_B[name]`` on one frozen weight matrix W0 (d_out x d_in).
+
+    W0 is the rows ``weight_rows`` (all rows for None) of the parameter ``weight_name`` of ``weight_owner``: an
+    ``nn.Linear``'s ``weight`` (``LoRALinear``), or q/k/v's block of an ``nn.MultiheadAttention``'s packed
+    ``in_proj_weight`` (``robolora.lora_mha``). ``pristine_weight`` is a copy of W0 taken at wrap time; merging
+    writes W0 + deltas into those rows and unmerging copies the pristine rows back.
+    """
 
     pristine_weight: torch.Tensor
+    weight_name: str = "weight"
+    weight_rows: slice | None = None
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+    def __init__(self, pristine: torch.Tensor) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        self.base_layer = base_layer
-        self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
-        base_layer.requires_grad_(False)
-        self.register_buffer("pristine_weight", base_layer.weight.detach().clone(), persistent=False)
+        self.register_buffer("pristine_weight", pristine.detach().clone(), persistent=False)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.configs: dict[str, LoRAConfig] = {}
         self._active: dict[str, float] = {}
         self._merged: dict[str, float] | None = None
-        self.register_state_dict_post_hook(_save_pristine_as_base)
-        self.register_load_state_dict_pre_hook(_load_base_into_pristine)
+
+    @property
+    def weight_owner(self) -> nn.Module:
+        """The module whose parameter ``weight_name`` holds W0."""
+        raise NotImplementedError
+
+    def bound_weight(self) -> torch.Tensor:
+        """The weight the forward uses now (W0 plus whatever is merged), as a writable view of W0's rows."""
+        weight = self.weight_owner._parameters[self.weight_name]
+        return weight if self.weight_rows is None else weight[self.weight_rows]
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.pristine_weight.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.pristine_weight.shape[0]
 
     @property
     def adapters(self) -> list[str]:
@@ -87,7 +98,8 @@ class LoRALinear(nn.Module):
         if hasattr(self.lora_A, name):
             raise ValueError(f"adapter name {name!r} clashes with a torch.nn.ParameterDict attribute; pick another")
         config = LoRAConfig(**{**(config or LoRAConfig()).to_dict(), **fields})
-        weight = self.base_layer.weight
+        self._check_config(config)
+        weight = self.pristine_weight
         gen_device = generator.device if generator is not None else "cpu"
         a = torch.randn(config.rank, self.in_features, generator=generator, device=gen_device) * config.std
         self.lora_A[name] = nn.Parameter(a.to(device=weight.device, dtype=weight.dtype))
@@ -109,7 +121,7 @@ class LoRALinear(nn.Module):
         """s * B @ A for one adapter, computed in fp32 and returned in the base weight's dtype."""
         self._check_names([name])
         delta = self.lora_B[name].detach().float() @ self.lora_A[name].detach().float()
-        return (delta * self.configs[name].scaling).to(self.base_layer.weight.dtype)
+        return (delta * self.configs[name].scaling).to(self.pristine_weight.dtype)
 
     def merged_weight(self, spec: AdapterSpec) -> torch.Tensor:
         """W0 + sum_i w_i * delta_i as a new tensor (fp32 sum, one cast); raises if it is not finite."""
@@ -131,14 +143,55 @@ class LoRALinear(nn.Module):
     def merge(self, spec: AdapterSpec) -> None:
         """Write W0 + the weighted deltas into the base weight in place (restarting from W0 if already merged)."""
         weights = self._as_weights(spec)
-        self.base_layer.weight.copy_(self.merged_weight(weights))
+        self.bound_weight().copy_(self.merged_weight(weights))
         self._merged = weights
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Copy the pristine W0 back into the base weight (bit-exact); harmless when nothing is merged."""
-        self.base_layer.weight.copy_(self.pristine_weight)
+        self.bound_weight().copy_(self.pristine_weight)
         self._merged = None
+
+    def active_deltas(self) -> torch.Tensor | None:
+        """sum_i w_i s_i B_i A_i over the active adapters not merged, differentiable (the weight-space form of the
+        LoRA path, for modules that read their weights instead of calling a layer); None when there are none."""
+        delta = None
+        for name, w in self._active.items():
+            if self._merged is not None and name in self._merged:
+                continue
+            term = (self.lora_B[name] @ self.lora_A[name]) * (w * self.configs[name].scaling)  # (d_out, d_in)
+            delta = term if delta is None else delta + term
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapters}, active={self._active}, merged={self._merged}"
+
+    def _check_config(self, config: LoRAConfig) -> None:
+        """Refuse configs this kind of layer cannot honour (all are fine for a Linear)."""
+
+    def _as_weights(self, spec: AdapterSpec) -> dict[str, float]:
+        return adapter_weights(spec, self.adapters)
+
+    def _check_names(self, names: Any) -> None:
+        adapter_weights(dict.fromkeys(names, 1.0), self.adapters)
+
+
+class LoRALinear(LoRALayer):
+    """Wraps (does not subclass) a frozen ``nn.Linear`` and holds named adapters ``lora_A[name]``/``lora_B[name]``."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer.weight)
+        self.base_layer = base_layer
+        self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
+        base_layer.requires_grad_(False)
+        self.register_state_dict_post_hook(_save_pristine_as_base)
+        self.register_load_state_dict_pre_hook(_load_base_into_pristine)
+
+    @property
+    def weight_owner(self) -> nn.Module:
+        return self.base_layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., d_out), includes any merged deltas
@@ -149,15 +202,6 @@ class LoRALinear(nn.Module):
             h = F.linear(F.linear(self.lora_dropout[name](x).to(a.dtype), a), b)  # (..., r) -> (..., d_out)
             out = out + (h * (w * self.configs[name].scaling)).to(out.dtype)
         return out
-
-    def extra_repr(self) -> str:
-        return f"adapters={self.adapters}, active={self._active}, merged={self._merged}"
-
-    def _as_weights(self, spec: AdapterSpec) -> dict[str, float]:
-        return adapter_weights(spec, self.adapters)
-
-    def _check_names(self, names: Any) -> None:
-        adapter_weights(dict.fromkeys(names, 1.0), self.adapters)
 
 
 def adapter_weights(spec: AdapterSpec, attached: Iterable[str]) -> dict[str, float]:

@@ -9,13 +9,12 @@ next one) or at fixed ticks (``switch="schedule"``). Every switch is ``activate(
 applying a switch also drops the old skill's queued actions (``SkillManager`` resets the policy).
 
 Reported: overall and per-stage success rates with 95% Wilson intervals, mean episode length, switch latency
-p50/p99/max (microseconds), policy step latency p50/p99 (milliseconds, the ``select_action`` call alone) and
+p50/p99/max (microseconds), policy step latency p50/p99/max (milliseconds, the ``select_action`` call alone) and
 per-episode records; optionally the first episode as a video with the active skill's name drawn on each frame.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 
-from robolora.stats import EVAL_SEED, wilson_interval
-
-logger = logging.getLogger(__name__)
+from robolora.episodes import Episode, Tick, play_episodes, rate_metrics, timing_metrics
+from robolora.stats import EVAL_SEED
 
 __all__ = ["KITCHEN_ENV_ID", "parse_skills", "resolve_skill", "rollout", "rollout_main", "rollout_rows"]
 
@@ -103,13 +101,6 @@ def _labelled(frame: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(image)
 
 
-def _percentiles(values: list[float], scale: float) -> tuple[float, float, float]:
-    array = np.asarray(values, dtype=np.float64) * scale
-    if array.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    return float(np.percentile(array, 50)), float(np.percentile(array, 99)), float(array.max())
-
-
 def rollout(
     policy_or_manager: Any,
     skills: Sequence[str | Path],
@@ -132,8 +123,8 @@ def rollout(
     instead of ``robolora/Kitchen-v0`` made to the policy's image size and cameras. ``progress(n_done)`` after
     each episode. Keys: ``rollout/success_rate``, ``rollout/ci_low``, ``rollout/ci_high``,
     ``rollout/stage<i>/<skill>/success_rate`` (and ``ci_low``, ``ci_high``), ``rollout/mean_length``,
-    ``rollout/switch_us_p50|p99|max``, ``rollout/latency_ms_p50|p99``, ``rollout/episodes``, ``rollout/switches``,
-    ``skills``, ``episodes`` (seed, success, length, stage_success, switch_ticks) and ``video`` when written.
+    ``rollout/switch_us_p50|p99|max``, ``rollout/latency_ms_p50|p99|max``, ``rollout/episodes``,
+    ``rollout/switches``, ``skills``, ``episodes`` (seed, success, length, stage_success, switch_ticks) and ``video`` when written.
     """
     skills = parse_skills(skills)
     if episodes < 1:
@@ -167,87 +158,78 @@ def rollout(
             manager.close()
 
 
+class _SkillSequence:
+    """Which skill acts in an episode: the first from its start, each next one from the tick the switch rule picks.
+
+    ``on_reset`` and ``on_step`` are the episode runner's hooks; every switch (``activate`` + ``apply_pending``) is
+    timed into ``switch_s``.
+    """
+
+    def __init__(self, manager: Any, names: list[str], switch: str, ticks: list[int]) -> None:
+        self.manager, self.names, self.switch, self.ticks = manager, names, switch, ticks
+        self.switch_s: list[float] = []
+        self.current = 0
+        self.stage_done = np.zeros(len(names), dtype=bool)
+
+    def _activate(self, index: int) -> None:
+        t0 = time.perf_counter()
+        self.manager.activate(self.names[index])
+        self.manager.apply_pending()
+        self.switch_s.append(time.perf_counter() - t0)
+        self.current = index
+
+    def on_reset(self, episodes: list[Episode], info: dict[str, Any]) -> None:
+        n_stages = len(info.get("stage_success", ()))
+        if n_stages != len(self.names):
+            raise ValueError(f"the env has {n_stages} stages (info['stage_success']) but {len(self.names)} skills "
+                             f"were given ({self.names}); give one skill per stage, in stage order")
+        self.stage_done = np.zeros(n_stages, dtype=bool)
+        episodes[0].fields.update(stage_success=self.stage_done.tolist(), switch_ticks=[])
+        self._activate(0)
+        self.manager.reset()
+
+    def on_step(self, tick: Tick) -> None:
+        episode, stage_success = tick.episodes[0], tick.info["stage_success"]
+        self.stage_done |= np.asarray(stage_success, dtype=bool)
+        episode.fields["stage_success"] = self.stage_done.tolist()
+        # the switch lands between this tick and the next: the next skill computes tick `episode.length`'s action
+        if self.switch == "success":
+            target = self.current
+            while target < len(self.names) - 1 and stage_success[target]:
+                target += 1
+        else:
+            due = self.current < len(self.ticks) and episode.length >= self.ticks[self.current]
+            target = self.current + int(due)
+        if target != self.current and tick.running[0]:
+            self._activate(target)
+            episode.fields["switch_ticks"].append(episode.length)
+
+    def labelled(self, frame: np.ndarray) -> np.ndarray:
+        """``frame`` with the acting skill's name drawn on it."""
+        return _labelled(frame, self.names[self.current])
+
+
 def _run(manager: Any, env: gym.Env, names: list[str], episodes: int, seed: int, switch: str, ticks: list[int],
          video_path: str | Path | None, progress: Callable[[int], None] | None) -> dict[str, Any]:
-    switch_s: list[float] = []
-    step_s: list[float] = []
-    results: list[dict[str, Any]] = []
-    frames: list[np.ndarray] = []
-
-    def activate(name: str) -> None:
-        t0 = time.perf_counter()
-        manager.activate(name)
-        manager.apply_pending()
-        switch_s.append(time.perf_counter() - t0)
-
-    for episode in range(episodes):
-        obs, info = env.reset(seed=seed + episode)
-        n_stages = len(info.get("stage_success", ()))
-        if n_stages != len(names):
-            raise ValueError(f"the env has {n_stages} stages (info['stage_success']) but {len(names)} skills were "
-                             f"given ({names}); give one skill per stage, in stage order")
-        stage_done = np.zeros(n_stages, dtype=bool)
-        current, switch_ticks, tick, done, success = 0, [], 0, False, False
-        activate(names[0])
-        manager.reset()
-        record = video_path is not None and episode == 0
-        if record:
-            frames.append(_labelled(env.render(), names[current]))
-        while not done:
-            t0 = time.perf_counter()
-            action = manager.select_action(obs)
-            step_s.append(time.perf_counter() - t0)
-            obs, _, terminated, truncated, info = env.step(np.asarray(action, dtype=np.float32))
-            tick += 1
-            stage_done |= np.asarray(info["stage_success"], dtype=bool)
-            success = success or bool(info["success"])
-            done = bool(terminated or truncated)
-            if record:
-                frames.append(_labelled(env.render(), names[current]))
-            # the switch lands between this tick and the next: the next skill computes tick `tick`'s action
-            if switch == "success":
-                target = current
-                while target < len(names) - 1 and info["stage_success"][target]:
-                    target += 1
-            else:
-                target = current + int(current < len(ticks) and tick >= ticks[current])
-            if target != current and not done:
-                current = target
-                activate(names[current])
-                switch_ticks.append(tick)
-        results.append({"seed": seed + episode, "success": success, "length": tick,
-                        "stage_success": stage_done.tolist(), "switch_ticks": switch_ticks})
-        if progress is not None:
-            progress(len(results))
-        logger.info("rollout: %d/%d episodes, success so far %.2f", len(results), episodes,
-                    np.mean([r["success"] for r in results]))
-    return _metrics(names, results, switch_s, step_s, frames, video_path)
-
-
-def _metrics(names: list[str], results: list[dict[str, Any]], switch_s: list[float], step_s: list[float],
-             frames: list[np.ndarray], video_path: str | Path | None) -> dict[str, Any]:
-    n = len(results)
-    wins = sum(r["success"] for r in results)
-    low, high = wilson_interval(wins, n)
-    metrics: dict[str, Any] = {"rollout/success_rate": wins / n, "rollout/ci_low": low, "rollout/ci_high": high}
+    skills = _SkillSequence(manager, names, switch, ticks)
+    run = play_episodes(env, manager.select_action, episodes, seed=seed, on_reset=skills.on_reset,
+                        on_step=skills.on_step, progress=progress,
+                        render=None if video_path is None else lambda: skills.labelled(env.render()))
+    metrics: dict[str, Any] = run.metrics("rollout")
     for stage, name in enumerate(names):
-        stage_wins = sum(r["stage_success"][stage] for r in results)
-        s_low, s_high = wilson_interval(stage_wins, n)
-        metrics |= {f"rollout/stage{stage}/{name}/success_rate": stage_wins / n,
-                    f"rollout/stage{stage}/{name}/ci_low": s_low, f"rollout/stage{stage}/{name}/ci_high": s_high}
-    sw50, sw99, swmax = _percentiles(switch_s, 1e6)
-    st50, st99, _ = _percentiles(step_s, 1e3)
+        stage_wins = sum(e["stage_success"][stage] for e in run.episodes)
+        metrics |= rate_metrics(f"rollout/stage{stage}/{name}", stage_wins, len(run.episodes))
     metrics |= {
-        "rollout/mean_length": float(np.mean([r["length"] for r in results])),
-        "rollout/switch_us_p50": sw50, "rollout/switch_us_p99": sw99, "rollout/switch_us_max": swmax,
-        "rollout/latency_ms_p50": st50, "rollout/latency_ms_p99": st99,
-        "rollout/episodes": n, "rollout/switches": len(switch_s),
-        "skills": list(names), "episodes": results,
+        **timing_metrics("rollout/switch", skills.switch_s, "us"),
+        **timing_metrics("rollout/latency", run.act_s, "ms"),
+        "rollout/switches": len(skills.switch_s),
+        "skills": list(names),
+        "episodes": run.episodes,
     }
     if video_path is not None:
         from robolora.evaluate import write_video
 
-        metrics["video"] = str(write_video(frames, video_path))
+        metrics["video"] = str(write_video(run.frames, video_path))
     return metrics
 
 

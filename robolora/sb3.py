@@ -39,9 +39,10 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from torch import nn
 
+from robolora.episodes import episode_metrics
 from robolora.evaluate import make_env
 from robolora.policies import VisuomotorPolicy
-from robolora.stats import EVAL_SEED, wilson_interval
+from robolora.stats import EVAL_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -218,18 +219,10 @@ def evaluate_sb3(
         env.close()
     results.sort(key=lambda r: r["seed"])
     assert [r["seed"] for r in results] == seeds, "evaluate_policy counted other episodes than the seeded ones"
-    wins = sum(r["success"] for r in results)
-    low, high = wilson_interval(wins, episodes)
-    logger.info("%s (SB3, %d envs): success %.2f over %d episodes", env_id, env.num_envs, wins / episodes, episodes)
-    return {
-        "eval/success_rate": wins / episodes,
-        "eval/ci_low": low,
-        "eval/ci_high": high,
-        "eval/mean_length": float(np.mean([r["length"] for r in results])),
-        "eval/mean_return": float(np.mean([r["return"] for r in results])),
-        "eval/episodes": episodes,
-        "episodes": results,
-    }
+    metrics = episode_metrics("eval", results)
+    logger.info("%s (SB3, %d envs): success %.2f over %d episodes", env_id, env.num_envs,
+                metrics["eval/success_rate"], episodes)
+    return {**metrics, "eval/mean_return": float(np.mean([r["return"] for r in results])), "episodes": results}
 
 
 # ------------------------------------------------------------------------------------------------ training

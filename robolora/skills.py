@@ -1,9 +1,14 @@
-"""SkillManager: attach, switch, blend and step LoRA skills at runtime on one frozen base policy (DESIGN.md §4).
+"""SkillManager: attach, switch, blend and step LoRA skills at runtime on one frozen base policy (docs/design.md §4).
+
+The policy is any module following robolora's policy protocol (``robolora.policy``, docs/policy.md). LoRA targets
+are ``nn.Linear`` layers and ``nn.MultiheadAttention`` projections; the manager drives *weights*: a Linear's
+``weight``, or an attention module's ``in_proj_weight`` (q/k/v's row blocks together), ``q/k/v_proj_weight`` and
+``out_proj.weight``.
 
 Three modes, chosen per use (``SkillManager(policy, mode=...)``):
 
-- ``bank``: on attach, each skill's merged weights W0 + s B A are computed once for every layer it targets (one
-  copy of the targeted weights per skill). A switch rebinds each wrapped layer's ``weight`` to the skill's tensor:
+- ``bank``: on attach, each skill's merged weights W0 + s B A are computed once for every weight it targets (one
+  copy of the targeted weights per skill). A switch rebinds each driven weight to the skill's tensor:
   O(layers) dictionary writes, no arithmetic. The original ``nn.Parameter`` (W0) is never written; the plain base
   rebinds it. Rebinding moves the weight's data pointer, so CUDA graphs must use ``inplace``.
 - ``inplace``: one set of weights; a switch copies W0 + ΔW into them (computed from the pristine W0 in the
@@ -14,18 +19,24 @@ Three modes, chosen per use (``SkillManager(policy, mode=...)``):
   (A, w s B) pair per layer. A blend stacks the skills' A's and weighted B's into one pair, so it costs one rank-sum
   matmul pair per layer.
 
-While a manager drives a policy, each ``LoRALinear``'s forward is replaced by its base layer's own forward (bank,
-inplace), so a step runs exactly the plain base's code, or by ``_unmerged_forward`` (one fused extra GEMM pair).
-``LoRALinear``'s active set and merge bookkeeping stay empty: drive skills through the manager only, and do not
-call ``merge``/``unmerge``/``set_active_adapter`` on a managed policy (with a bank tensor bound they would write
-into it). ``close()`` hands the policy back as it was. Move the policy to its device before creating the manager.
+While a manager drives a policy, each wrapper's forward is replaced by its base module's own forward (bank,
+inplace), so a step runs exactly the plain base's code, or by ``_unmerged_forward`` (one fused extra GEMM pair per
+Linear; W0 + the skill's delta bound for the call for an attention module). The LoRA layers' active set and merge
+bookkeeping stay empty: drive skills through the manager only, and do not call ``merge``/``unmerge``/
+``set_active_adapter`` on a managed policy (with a bank tensor bound they would write into it). ``close()`` hands
+the policy back as it was. Move the policy to its device before creating the manager.
+
+Skill conditioning and chunk execution are the manager's own state: one skill-token Parameter it owns (installed
+through the policy's ``set_skill_token`` hook and written in place on a switch) and one ``ChunkExecutor`` per
+skill (the adapter's "execution", else the policy's ``spec.execution``); the manager never writes the policy's
+attributes.
 
 Threading: ``activate``/``blend`` may be called from any thread. They build the new state in the caller's thread
 and leave it as the pending request (the last one wins); every step applies the pending request at its start while
 holding the step lock for the whole step. A switch therefore takes effect at the next tick boundary, the skill token
 switches together with the weights, and no step sees half a switch. ``attach``/``detach``/``close`` wait for the
-running step. Applying a switch calls ``policy.reset()``: the old skill's queued actions are dropped and the new
-skill is queried at the next ``select_action``.
+running step. Applying a switch resets the new skill's executor and calls ``policy.reset()``: the old skill's
+queued actions are dropped and the new skill is queried at the next ``select_action``.
 """
 
 from __future__ import annotations
@@ -48,11 +59,10 @@ from torch import nn
 from robolora.adapters import SkillAdapter, execution_of, load_adapter
 from robolora.adapters import attach as attach_adapter
 from robolora.adapters import detach as detach_adapter
-from robolora.demo import probe_batch
-from robolora.inject import lora_layers
-from robolora.lora import LoRALinear
-from robolora.policies import VisuomotorPolicy
-from robolora.policies.transformer import ChunkExecutor
+from robolora.inject import lora_wrappers
+from robolora.lora import LoRALayer, LoRALinear
+from robolora.lora_mha import call_with_weights
+from robolora.policy import ChunkExecutor, Execution, Policy, act, check_policy, policy_device
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +78,7 @@ class LiveCheck:
     Attributes:
         skill: the skill's name in the manager.
         delta_norm: sqrt of the sum over layers of ||s B A||_F^2; 0 means the adapter changes no weight.
-        output_change: max |skill action - plain base action| on ``robolora.demo.probe_batch`` (batch 4).
+        output_change: max |skill action - plain base action| on ``policy.spec.probe(4)``.
     """
 
     skill: str
@@ -82,10 +92,34 @@ class LiveCheck:
 
 @dataclass(eq=False)
 class _Layer:
-    lora: LoRALinear
-    base: nn.Linear  # lora.base_layer, held here to skip nn.Module.__getattr__ on every switch
-    original: nn.Parameter  # the base layer's own weight (W0); the plain base binds it in bank mode
-    term: tuple[torch.Tensor, torch.Tensor] | None = None  # unmerged mode: (A (r, d_in), (w s B)^T (1, r, d_out))
+    """One driven weight: a Linear's ``weight``, or an attention weight shared by its projections (row blocks)."""
+
+    units: list[LoRALayer]  # the LoRA layers writing this weight, in row order (one for a Linear)
+    params: dict[str, Any]  # the owner module's _parameters, held here to skip nn.Module.__getattr__ on a switch
+    key: str  # the parameter's name in ``params``
+    original: nn.Parameter  # the owner's own weight (W0); the plain base binds it in bank mode
+    # unmerged mode, per unit: (A (r, d_in), (w s B)^T (1, r, d_out)), or None
+    terms: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+
+    @property
+    def term(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.terms[0]
+
+    def configs(self) -> set[str]:
+        return {name for unit in self.units for name in unit.configs}
+
+    def pristine(self) -> torch.Tensor:
+        if len(self.units) == 1:
+            return self.units[0].pristine_weight
+        return torch.cat([unit.pristine_weight for unit in self.units])
+
+    def merged(self, spec: Mapping[str, float]) -> torch.Tensor:
+        """W0 + the weighted deltas of the skills in ``spec`` (each unit's rows in fp32, one cast)."""
+        blocks = []
+        for unit in self.units:
+            subset = {s: w for s, w in spec.items() if s in unit.configs}
+            blocks.append(unit.merged_weight(subset) if subset else unit.pristine_weight)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +143,20 @@ class _Skill:
     check: LiveCheck
 
 
+def _unmerged_attention(layers: list[_Layer], module: nn.MultiheadAttention, *args: Any, **kwargs: Any) -> Any:
+    """An attention module's forward with W0 + (w s B) A bound for the call, per weight that has a LoRA term."""
+    bindings = []
+    for layer in layers:
+        if all(t is None for t in layer.terms):
+            continue
+        blocks = []
+        for unit, term in zip(layer.units, layer.terms):
+            rows = layer.original if unit.weight_rows is None else layer.original[unit.weight_rows]
+            blocks.append(rows if term is None else torch.addmm(rows, term[1][0].t(), term[0]))  # (d_out, d_in)
+        bindings.append((layer.params, layer.key, blocks[0] if len(blocks) == 1 else torch.cat(blocks)))
+    return call_with_weights(module, bindings, *args, **kwargs)
+
+
 def _unmerged_forward(layer: _Layer, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     out = F.linear(x, layer.original, bias)  # (..., d_out)
     if layer.term is None:
@@ -120,7 +168,7 @@ def _unmerged_forward(layer: _Layer, bias: torch.Tensor | None, x: torch.Tensor)
     return out + h @ bt[0]
 
 
-def _lora_term(lora: LoRALinear, weights: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_term(lora: LoRALayer, weights: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, (w s B)^T) with the skills' A's stacked, so one pair of matmuls adds the whole weighted sum."""
     parts = [lora.lora_A[n].detach() for n in weights]
     a = parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum r, d_in)
@@ -137,15 +185,17 @@ class SkillManager:
     ``mode``: ``"bank"`` (fastest switch, one weight copy per skill), ``"inplace"`` (pointer-stable, memory-light)
     or ``"unmerged"`` (LoRA beside W0); see the module docstring. ``cache_merged`` (inplace only) keeps each skill's
     merged weights so a switch is a copy only. The manager steps the policy like the policy itself
-    (``reset``/``select_action``/``predict_chunk``), so it drops into ``robolora.evaluate.evaluate``.
+    (``reset``/``select_action``/``predict_chunk``), so it drops into ``robolora.evaluate.evaluate``. ``policy`` is
+    any module following robolora's policy protocol (``robolora.policy``).
     """
 
-    def __init__(self, policy: VisuomotorPolicy, mode: Mode = "bank", *, cache_merged: bool = False) -> None:
+    def __init__(self, policy: Policy, mode: Mode = "bank", *, cache_merged: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is invalid; use one of {list(MODES)}")
         if cache_merged and mode != "inplace":
             raise ValueError(f"cache_merged=True only applies to mode='inplace' (got mode={mode!r}); "
                              "bank mode always keeps merged weights, unmerged mode needs none")
+        self.spec = check_policy(policy)
         if getattr(policy, "skill_token", None) is not None:
             raise ValueError("the policy already has a skill token; the manager installs skill tokens itself, "
                              "call policy.set_skill_token(None) first")
@@ -154,12 +204,15 @@ class SkillManager:
         self.cache_merged = cache_merged
         self._layers: dict[str, _Layer] = {}
         self._skills: dict[str, _Skill] = {}
-        self._token: nn.Parameter | None = None  # one token Parameter, written in place on every switch
+        self._token: nn.Parameter | None = None  # the manager's token Parameter, written in place on every switch
+        self._token_installed = False
         self._pending: _Switch | None = None
         self._applied: _Switch = _PLAIN
         self._plain: _Switch = _PLAIN
         self._layout = 0  # version of the set of driven layers
-        self._base_executor: ChunkExecutor = policy._executor  # the plain base's chunk execution
+        self._base_executor = ChunkExecutor.for_spec(self.spec)  # the plain base's chunk execution
+        self._executor = self._base_executor  # the applied switch's
+        self._device = policy_device(policy)
         self._step_lock = threading.RLock()  # held for a whole step, and by attach/detach/close
         self._request_lock = threading.Lock()  # guards the pending request and the skill table
         self._adopt_layers()
@@ -182,6 +235,11 @@ class SkillManager:
             return next(iter(spec))
         return dict(spec)
 
+    @property
+    def execution(self) -> Execution:
+        """How the applied skill (or the plain base) executes its chunks."""
+        return self._executor.execution
+
     def load(self, path: str | Path, name: str | None = None) -> LiveCheck:
         """Load an adapter folder (``robolora.adapters.load_adapter``) and attach it as ``name`` (default: its
         skill name); returns the live check."""
@@ -200,9 +258,13 @@ class SkillManager:
         with self._step_lock:
             if name in self._skills:
                 raise ValueError(f"skill {name!r} is already attached; detach({name!r}) first or pick another name")
-            base_config = self._base_executor.config
-            execution = execution_of(adapter, base_config)  # validated before anything changes
-            executor = ChunkExecutor(dataclasses.replace(base_config, **execution)) if execution else None
+            base = self.spec.execution
+            execution = execution_of(adapter, base)  # validated before anything changes
+            if execution:
+                execution = Execution(**{**base.to_dict(), **execution}).check(self.spec.chunk_size)
+            executor = ChunkExecutor.for_spec(self.spec, execution) if execution else None
+            if adapter.skill_token is not None:
+                check_policy(self.policy, skill_token=True)
             attach_adapter(self.policy, adapter, name)
             new_layers: list[str] = []
             try:
@@ -233,7 +295,7 @@ class SkillManager:
                 if name in (self._applied.spec or {}):
                     self._apply(_PLAIN)
                 del self._skills[name]
-            self._forget(name, [n for n, layer in self._layers.items() if layer.lora.adapters == [name]])
+            self._forget(name, [n for n, layer in self._layers.items() if layer.configs() == {name}])
 
     def close(self) -> None:
         """Detach every skill and hand the policy back: plain base, original forwards, no wrapper it added."""
@@ -242,8 +304,8 @@ class SkillManager:
                 self.detach(name)
             self._pending = None
             self._apply(_PLAIN)
-            for layer in self._layers.values():
-                del layer.lora.forward
+            for module in {id(m): m for layer in self._layers.values() for m in self._modules_of(layer)}.values():
+                del module.forward
             self._layers.clear()
 
     def live_check(self, name: str) -> LiveCheck:
@@ -255,11 +317,12 @@ class SkillManager:
         """Bytes held per skill: its LoRA A/B, its token, and the mode's copies (merged weights, scaled B's)."""
         out = {}
         for name, skill in list(self._skills.items()):
-            tensors = [t for layer in self._layers.values() if name in layer.lora.configs
-                       for t in (layer.lora.lora_A[name], layer.lora.lora_B[name])]
+            tensors = [t for layer in self._layers.values() for unit in layer.units if name in unit.configs
+                       for t in (unit.lora_A[name], unit.lora_B[name])]
             tensors += [] if skill.switch.token is None else [skill.switch.token]
-            for value in skill.switch.bindings.values():
-                tensors += list(value) if isinstance(value, tuple) else [value]
+            for value in skill.switch.bindings.values():  # a merged weight, or per unit an (A, Bt) term or None
+                tensors += [t for term in value if term is not None for t in term] if isinstance(value, list) \
+                    else [value]
             out[name] = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
         return out
 
@@ -298,15 +361,18 @@ class SkillManager:
     # ---- stepping (the policy's acting interface) -----------------------------------------------------------
 
     def reset(self, indices: Sequence[int] | None = None) -> None:
-        """Forget queued actions (all, or those of the given batch elements), as ``VisuomotorPolicy.reset``."""
+        """Forget queued actions (all, or those of the given batch elements) and reset the policy."""
         with self._step_lock:
+            self._executor.reset(indices)
             self.policy.reset(indices)
 
+    @torch.no_grad()
     def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
-        """Apply any pending switch, then ``policy.select_action(obs)``, holding the step lock throughout."""
+        """Apply any pending switch, then the active skill's next action for ``obs`` ((A,) or (B, A)), executed
+        as that skill executes its chunks, holding the step lock throughout."""
         with self._step_lock:
             self._take_pending()
-            return self.policy.select_action(obs)
+            return act(self._executor, self.policy.predict_chunk, self.spec, obs, self._device)
 
     @torch.no_grad()
     def predict_chunk(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -353,7 +419,7 @@ class SkillManager:
             raise ValueError(f"cannot blend {list(spec)}: {with_token} carry a skill token and the others do not")
         token = None if tokens[0] is None else sum(w * t for w, t in zip(spec.values(), tokens))
         token = None if token is None else nn.Parameter(token, requires_grad=False)
-        configs = {None if sk.switch.executor is None else sk.switch.executor.config for sk in skills}
+        configs = {None if sk.switch.executor is None else sk.switch.executor.execution for sk in skills}
         executor = skills[0].switch.executor if len(configs) == 1 else None  # mixed executions: the base's
         return self._current(_Switch(dict(spec), self._bindings(spec), token, executor=executor))
 
@@ -362,20 +428,22 @@ class SkillManager:
         if switch.layout == self._layout:
             return switch
         pairs = () if self.mode != "bank" else tuple(
-            (layer.base._parameters, switch.bindings.get(name, layer.original)) for name, layer in self._layers.items())
+            (layer.params, layer.key, switch.bindings.get(name, layer.original)) for name, layer in self._layers.items())
         return dataclasses.replace(switch, pairs=pairs, layout=self._layout)
 
     def _bindings(self, spec: Mapping[str, float]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, layer in list(self._layers.items()):
-            subset = {s: w for s, w in spec.items() if s in layer.lora.configs}
-            if not subset:
+            configs = layer.configs()
+            if not any(s in configs for s in spec):
                 continue
             if self.mode == "unmerged":
-                out[name] = _lora_term(layer.lora, subset)
+                out[name] = [_lora_term(unit, subset) if (subset := {s: w for s, w in spec.items()
+                                                                      if s in unit.configs}) else None
+                             for unit in layer.units]
             else:
-                merged = layer.lora.merged_weight(subset)  # fp32 sum from the pristine W0, one cast; refuses NaN
-                assert merged.data_ptr() != layer.lora.pristine_weight.data_ptr()
+                merged = layer.merged(spec)  # fp32 sum from the pristine W0, one cast; refuses NaN
+                assert all(merged.data_ptr() != unit.pristine_weight.data_ptr() for unit in layer.units)
                 out[name] = nn.Parameter(merged, requires_grad=False) if self.mode == "bank" else merged
         return out
 
@@ -389,11 +457,12 @@ class SkillManager:
         """Bind a switch's weights and token; caller holds the step lock. Never fails halfway."""
         if self.mode == "bank":
             switch = self._current(switch)
-            for parameters, weight in switch.pairs:
-                parameters["weight"] = weight  # what nn.Module.__setattr__ ends in, minus ~2 us of checks per layer
+            for parameters, key, weight in switch.pairs:
+                parameters[key] = weight  # what nn.Module.__setattr__ ends in, minus ~2 us of checks per layer
         elif self.mode == "unmerged":
             for name, layer in self._layers.items():
-                layer.term = switch.bindings.get(name)
+                terms = switch.bindings.get(name)
+                layer.terms[:] = terms if terms is not None else [None] * len(layer.units)
         else:
             with torch.no_grad():
                 for name, layer in self._layers.items():
@@ -401,47 +470,81 @@ class SkillManager:
                     if source is not None:
                         layer.original.copy_(source)
                     elif name in self._applied.bindings:
-                        layer.original.copy_(layer.lora.pristine_weight)
-        token = switch.token
-        if self.mode == "inplace" and token is not None:  # one token Parameter, written in place: pointer-stable
-            if self._token is None:
-                self._token = nn.Parameter(torch.empty_like(token), requires_grad=False)
-            self._token.copy_(token)
-            token = self._token
-        self.policy._parameters["skill_token"] = token  # what set_skill_token ends in; checked on attach
+                        layer.original.copy_(layer.pristine())
+        self._install_token(switch.token)
         if reset_queue:
-            executor = switch.executor or self._base_executor
-            if self.policy._executor is not executor:  # the skill's chunk execution (plain attributes, no checks)
-                self.policy.__dict__["_executor"] = executor
-                self.policy.__dict__["config"] = executor.config
+            self._executor = switch.executor or self._base_executor
+            self._executor.reset()
             self.policy.reset()
         # inplace without a cache keeps only which layers it wrote, not a second copy of the merged weights
         self._applied = switch if self._cached else _Switch(switch.spec, dict.fromkeys(switch.bindings), switch.token,
                                                             executor=switch.executor)
 
+    def _install_token(self, token: nn.Parameter | None) -> None:
+        """Bind the skill token through the policy's hook: the manager's one Parameter, written in place (so it is
+        pointer-stable in every mode); the hook is called only when the token appears or disappears."""
+        if token is None:
+            if self._token_installed:
+                self.policy.set_skill_token(None)
+                self._token_installed = False
+            return
+        if self._token is None or self._token.shape != token.shape:
+            self._token = nn.Parameter(torch.empty_like(token), requires_grad=False)
+            self._token_installed = False
+        with torch.no_grad():
+            self._token.copy_(token)
+        if not self._token_installed:
+            self.policy.set_skill_token(self._token)
+            self._token_installed = True
+
+    @staticmethod
+    def _modules_of(layer: _Layer) -> list[nn.Module]:
+        """The wrapper modules whose forward the manager replaced for this weight."""
+        return [unit if isinstance(unit, LoRALinear) else unit.__dict__["_wrapper"] for unit in layer.units]
+
     def _adopt_layers(self) -> list[str]:
-        """Take over every LoRALinear not yet driven: install the mode's forward; returns their names."""
-        new = {n: m for n, m in lora_layers(self.policy).items() if n not in self._layers}
-        for name, lora in new.items():
-            if "forward" in vars(lora):
+        """Take over every wrapper not yet driven: install the mode's forward; returns the new weights' names."""
+        driven = {id(m) for layer in self._layers.values() for m in self._modules_of(layer)}
+        new = {n: m for n, m in lora_wrappers(self.policy).items() if id(m) not in driven}
+        for name, wrapper in new.items():
+            if "forward" in vars(wrapper):
                 raise ValueError(f"{name} is already driven by another SkillManager; close() that one first")
-            if lora.merged is not None or lora.active:
-                raise ValueError(f"{name} has adapters merged or active (merged={lora.merged}, active={lora.active});"
-                                 " call robolora.unmerge(policy) and set_active_adapter(policy, None) first")
-        for name, lora in new.items():
-            layer = _Layer(lora, lora.base_layer, lora.base_layer.weight)
-            if self.mode == "unmerged":
-                lora.forward = functools.partial(_unmerged_forward, layer, lora.base_layer.bias)
-            else:
-                lora.forward = lora.base_layer.forward
-            self._layers[name] = layer
+            units = [wrapper] if isinstance(wrapper, LoRALinear) else list(wrapper.projections.values())
+            for unit in units:
+                if unit.merged is not None or unit.active:
+                    raise ValueError(f"{name} has adapters merged or active (merged={unit.merged}, "
+                                     f"active={unit.active}); call robolora.unmerge(policy) and "
+                                     "set_active_adapter(policy, None) first")
+        added = []
+        for name, wrapper in new.items():
+            if isinstance(wrapper, LoRALinear):
+                layer = _Layer([wrapper], wrapper.base_layer._parameters, "weight", wrapper.base_layer.weight, [None])
+                wrapper.forward = (functools.partial(_unmerged_forward, layer, wrapper.base_layer.bias)
+                                   if self.mode == "unmerged" else wrapper.base_layer.forward)
+                self._layers[name] = layer
+                added.append(name)
+                continue
+            layers = []
+            for units in wrapper.weight_groups().values():
+                for unit in units:
+                    unit.__dict__["_wrapper"] = wrapper
+                first = units[0]
+                params = first.weight_owner._parameters
+                layer = _Layer(units, params, first.weight_name, params[first.weight_name], [None] * len(units))
+                key = f"{name}.{first.weight_name}" if first.weight_owner is wrapper.base_layer \
+                    else f"{name}.out_proj.weight"
+                self._layers[key] = layer
+                layers.append(layer)
+                added.append(key)
+            wrapper.forward = (functools.partial(_unmerged_attention, layers, wrapper.base_layer)
+                               if self.mode == "unmerged" else wrapper.base_layer.forward)
         self._layout += bool(new)
-        return list(new)
+        return added
 
     def _build_switch(self, name: str, adapter: SkillAdapter) -> _Switch:
         token = None
         if adapter.skill_token is not None:
-            like = self._layers[next(iter(adapter.lora))].original if adapter.lora else next(self.policy.parameters())
+            like = next(iter(self._layers.values())).original if self._layers else next(self.policy.parameters())
             token = nn.Parameter(adapter.skill_token.detach().to(device=like.device, dtype=like.dtype).clone(), False)
             if not torch.isfinite(token).all():
                 raise ValueError(f"skill {name!r}: the skill token holds NaN/Inf; this adapter is unusable")
@@ -450,10 +553,9 @@ class SkillManager:
     @torch.no_grad()
     def _probe(self, name: str, switch: _Switch) -> LiveCheck:
         """Plain-base vs skill actions on a fixed batch; restores the applied state (and keeps the action queue)."""
-        delta = math.sqrt(sum(float(layer.lora.delta_weight(name).float().square().sum())
-                              for layer in self._layers.values() if name in layer.lora.configs))
-        device = self._layers[next(iter(self._layers))].original.device if self._layers else torch.device("cpu")
-        batch = {k: v.to(device) for k, v in probe_batch(self.policy.config, batch_size=4).items()}
+        delta = math.sqrt(sum(float(unit.delta_weight(name).float().square().sum())
+                              for layer in self._layers.values() for unit in layer.units if name in unit.configs))
+        batch = {k: v.to(self._device) for k, v in self.spec.probe(4).items()}
         previous, training = self._applied.spec, self.policy.training
         if training:
             self.policy.eval()
@@ -475,18 +577,24 @@ class SkillManager:
         return LiveCheck(name, delta, change)
 
     def _forget(self, name: str, unwrap: list[str]) -> None:
-        """Remove adapter ``name`` from the policy and unwrap the given layers (those it alone used)."""
-        if any(name in layer.lora.configs for layer in self._layers.values()):
+        """Remove adapter ``name`` from the policy and unwrap the wrappers of the given weights that no longer
+        hold any adapter."""
+        if any(name in layer.configs() for layer in self._layers.values()):
             detach_adapter(self.policy, name)
-        for layer_name in unwrap:
-            layer = self._layers[layer_name]
-            if layer.lora.adapters:
+        wrappers = {id(w): (n, w) for n, w in lora_wrappers(self.policy).items()}
+        candidates = {id(m) for layer_name in unwrap if layer_name in self._layers
+                      for m in self._modules_of(self._layers[layer_name])}
+        for key in candidates:
+            wrapper_name, wrapper = wrappers[key]
+            if wrapper.adapters:
                 continue
-            del self._layers[layer_name]
+            for layer_name, layer in list(self._layers.items()):
+                if any(m is wrapper for m in self._modules_of(layer)):
+                    layer.params[layer.key] = layer.original
+                    del self._layers[layer_name]
             self._layout += 1
-            base = layer.base
-            base._parameters["weight"] = layer.original
-            for param_name, param in base.named_parameters():
-                param.requires_grad_(layer.lora.base_requires_grad[param_name])
-            parent, _, attr = layer_name.rpartition(".")
-            setattr(self.policy.get_submodule(parent) if parent else self.policy, attr, base)
+            del wrapper.forward
+            for param_name, param in wrapper.base_layer.named_parameters():
+                param.requires_grad_(wrapper.base_requires_grad[param_name])
+            parent, _, attr = wrapper_name.rpartition(".")
+            setattr(self.policy.get_submodule(parent) if parent else self.policy, attr, wrapper.base_layer)

@@ -19,13 +19,13 @@ import time
 import numpy as np
 import torch
 
-from robolora.demo import probe_batch
+from robolora.policy import probe_batch
 from robolora.policies import PolicyConfig, VisuomotorPolicy
 
 
 def synthetic_batch(config: PolicyConfig, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """robolora.demo.probe_batch (the library's fixed observation batch) plus random action-chunk targets."""
-    batch = probe_batch(config, batch_size)
+    """robolora.policy.probe_batch (the library's fixed observation batch) plus random action-chunk targets."""
+    batch = probe_batch(VisuomotorPolicy(config), batch_size)
     g = torch.Generator().manual_seed(1)
     batch["action"] = torch.rand(batch_size, config.chunk_size, config.action_dim, generator=g) * 2 - 1
     batch["action_is_pad"] = torch.zeros(batch_size, config.chunk_size, dtype=torch.bool)

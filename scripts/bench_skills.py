@@ -1,4 +1,4 @@
-"""Skill switching benchmark (issue 6; DESIGN.md §4): SkillManager's modes against PEFT on the visuomotor policy.
+"""Skill switching benchmark (issue 6; docs/design.md §4): SkillManager's modes against PEFT on the visuomotor policy.
 
 One run, side by side, on the shipped base config and a larger one (12 layers, d=512), batch 1, LoRA r=8 on
 attn.q/k/v/o, every adapter with a skill token (PEFT has none: its switches move the LoRA weights only):
@@ -38,7 +38,7 @@ from torch import nn
 
 from robolora.adapters import SkillAdapter, to_peft
 from robolora.config import ATTENTION_TARGETS, LoRAConfig
-from robolora.demo import probe_batch
+from robolora.policy import probe_batch
 from robolora.inject import target_matches
 from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint
 from robolora.skills import MODES, SkillManager
@@ -154,7 +154,7 @@ def bench_config(label: str, args: argparse.Namespace, device: torch.device, pef
                  workdir: Path) -> list[str]:
     torch.manual_seed(args.seed)
     policy = VisuomotorPolicy(PolicyConfig.preset("base", **CONFIGS[label])).to(device).eval()
-    batch = {k: v.to(device) for k, v in probe_batch(policy.config).items()}
+    batch = {k: v.to(device) for k, v in probe_batch(policy).items()}
     adapters = make_adapters(policy, 4, args.rank, args.seed)
     names = [a.skill for a in adapters]
     ours = managers(policy, adapters)
@@ -216,7 +216,7 @@ def recompiles(args: argparse.Namespace, device: torch.device, peft_ok: bool, wo
 
     torch.manual_seed(args.seed)
     policy = VisuomotorPolicy(PolicyConfig.preset("base")).to(device).eval()
-    batch = {k: v.to(device) for k, v in probe_batch(policy.config).items()}
+    batch = {k: v.to(device) for k, v in probe_batch(policy).items()}
     adapters = make_adapters(policy, 16, args.rank, args.seed + 1)
     names = [a.skill for a in adapters]
     cycles: dict[str, tuple[Callable[[], object], Callable[[str], None]]] = {}

@@ -133,14 +133,21 @@ def test_pattern_matching_nothing_lists_existing_layers() -> None:
     assert_same(before, snapshot(model))
 
 
-@pytest.mark.parametrize(
-    "fused", [lambda: nn.MultiheadAttention(D, HEADS, batch_first=True), lambda: nn.TransformerEncoderLayer(D, HEADS)]
-)
-def test_fused_attention_is_refused_with_the_alternative(fused) -> None:
+@pytest.mark.parametrize("fused", [lambda: nn.TransformerEncoderLayer(D, HEADS),
+                                   lambda: nn.TransformerDecoderLayer(D, HEADS)])
+def test_fused_transformer_layers_are_refused_with_the_alternative(fused) -> None:
     model = nn.Sequential(nn.Linear(D, D), fused())
-    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+    with pytest.raises(ValueError, match="fused transformer layers.*nn.MultiheadAttention"):
         inject_lora(model, LoRAConfig(targets=("0",)))
     assert isinstance(model[0], nn.Linear)
+
+
+def test_multihead_attention_projections_are_targets_named_by_module_path() -> None:
+    model = nn.Sequential(nn.Linear(D, D), nn.MultiheadAttention(D, HEADS, batch_first=True))
+    names = inject_lora(model, LoRAConfig(targets=("1.q", "1.v", "1.out_proj", "0")))
+    assert names == ["0", "1.q", "1.v", "1.out_proj"]
+    assert sorted(lora_layers(model)) == ["0", "1.k", "1.out_proj", "1.q", "1.v"]
+    assert lora_layers(model)["1.k"].adapters == []
 
 
 # ---------------------------------------------------------------------------------------------- atomicity

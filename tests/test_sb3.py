@@ -13,7 +13,7 @@ from torch import nn
 from robolora.adapters import adapter_from_policy, attach, attach_for_eval, load_adapter, save_adapter
 from robolora.config import LoRAConfig
 from robolora.data import BCDataset, collect
-from robolora.demo import probe_batch
+from robolora.policy import probe_batch
 from robolora.evaluate import evaluate, make_env
 from robolora.export import export_bundle
 from robolora.inject import inject_lora, lora_layers, mark_only_lora_trainable, set_active_adapter
@@ -103,7 +103,7 @@ def test_predict_resets_the_chunk_queue_of_starting_envs_only():
     torch.manual_seed(0)
     policy = VisuomotorPolicy(PolicyConfig.preset("tiny", n_action_steps=4)).eval()
     wrapper = SB3SkillPolicy(policy, task_id=0)
-    first, second = probe_batch(policy.config, 2, seed=1), probe_batch(policy.config, 2, seed=2)
+    first, second = probe_batch(policy, 2, seed=1), probe_batch(policy, 2, seed=2)
     obs = lambda b: {"rgb_front": b["rgb_front"].numpy(), "proprio": b["proprio"].numpy()}  # noqa: E731
     with torch.no_grad():
         chunk1, chunk2 = policy.predict_chunk(first), policy.predict_chunk(second)
@@ -197,7 +197,7 @@ def test_finetune_rl_saves_an_adapter_that_loads_switches_and_exports(reacher, t
     assert torch.equal(tuned.skill_token, source.skill_token), "the skill token is not trained by default"
     assert any(not torch.equal(tuned.lora[n][1], source.lora[n][1]) for n in source.lora)
 
-    batch = probe_batch(load_policy(base).config, 3)
+    batch = probe_batch(load_policy(base), 3)
     single = {}
     for name, path in (("bc", skill), ("rl", result["out"])):
         p = load_policy(base)

@@ -20,7 +20,7 @@ from torch import nn
 
 from robolora.adapters import SkillAdapter, adapter_from_policy, attach, save_adapter
 from robolora.config import LoRAConfig
-from robolora.demo import probe_batch
+from robolora.policy import probe_batch
 from robolora.inject import inject_lora, lora_layers, set_active_adapter
 from robolora.policies import PolicyConfig, VisuomotorPolicy
 from robolora.skills import MODES, SkillManager
@@ -50,7 +50,7 @@ def make_adapter(seed: int, targets: tuple[str, ...] | None = None, b_std: float
     return adapter_from_policy(policy, "skill", skill=f"s{seed}")
 
 
-BATCH = probe_batch(PolicyConfig.preset("tiny"), batch_size=3, seed=5)
+BATCH = probe_batch(VisuomotorPolicy(PolicyConfig.preset("tiny")), batch_size=3, seed=5)
 
 
 @pytest.fixture(autouse=True)
@@ -362,7 +362,7 @@ def test_each_skill_runs_with_its_own_chunk_execution(mode):
     long.metadata["execution"] = {"n_action_steps": 8}
     mgr.attach("long", long)
     mgr.attach("plain_exec", make_adapter(2))
-    base_steps = mgr.policy.config.n_action_steps
+    base_steps = mgr.policy.spec.execution.n_action_steps
     assert base_steps != 8
     obs = {k: v[0].numpy() for k, v in BATCH.items() if k != "task_id"}
     calls = []
@@ -373,14 +373,16 @@ def test_each_skill_runs_with_its_own_chunk_execution(mode):
         calls.clear()
         for _ in range(8):
             mgr.select_action(obs)
-        assert mgr.policy.config.n_action_steps == expected, name
+        assert mgr.execution.n_action_steps == expected, name
         assert len(calls) == 8 // expected, name
     mgr.blend({"long": 0.5, "plain_exec": 0.5})  # mixed executions: the base's
     mgr.select_action(obs)
-    assert mgr.policy.config.n_action_steps == base_steps
+    assert mgr.execution.n_action_steps == base_steps
     mgr.activate("long")
+    mgr.select_action(obs)
+    assert mgr.policy.spec.execution.n_action_steps == base_steps, "the manager never writes the policy's execution"
     mgr.close()
-    assert mgr.policy.config.n_action_steps == base_steps, "close() hands back the base's execution"
+    assert mgr.policy.spec.execution.n_action_steps == base_steps
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -532,7 +534,7 @@ def test_20hz_loop_on_the_base_config_misses_no_deadline_in_10k_ticks(mode):
     for seed, adapter in enumerate(adapters):
         mgr.attach(f"s{seed}", adapter)
     global BATCH
-    BATCH, saved = probe_batch(mgr.policy.config, batch_size=1), BATCH
+    BATCH, saved = probe_batch(mgr.policy, batch_size=1), BATCH
     try:
         report = control_loop(mgr, 10_000)
     finally:
@@ -570,13 +572,13 @@ def test_evaluate_runs_a_manager_like_a_policy():
 def test_shipped_adapters_leave_the_shipped_base_as_it_was(mode):
     """Issue must-show: with both shipped adapters attached, used and detached, the shipped base's outputs (so its
     base-task success) are bit-identical to before and its fingerprint is unchanged; each adapter is live."""
-    from robolora.demo import probe_batch
+    from robolora.policy import probe_batch
     from robolora.policies import base_fingerprint, load_policy
     from robolora.recipes import shipped_base
     from robolora.rollout import shipped_skills_dir
 
     policy = load_policy(shipped_base())
-    batch = probe_batch(policy.config, batch_size=4)
+    batch = probe_batch(policy, batch_size=4)
     with torch.no_grad():
         before = policy.predict_chunk(batch)
     fingerprint = base_fingerprint(policy)
