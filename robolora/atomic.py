@@ -2,7 +2,8 @@
 
 Files are written into a temporary sibling folder which then replaces the destination with ``os.replace``; an old
 folder is moved aside first and deleted only after the new one is in place. A JSON file is written to a temporary
-sibling and renamed over the destination. Standard library only.
+sibling and renamed over the destination; :func:`atomic_file` does the same for a file written by another library
+(a safetensors checkpoint). Standard library only.
 """
 
 from __future__ import annotations
@@ -48,3 +49,16 @@ def write_json(path: str | Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_file(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest`` to write one file to; on normal exit it replaces ``dest`` in one
+    rename, on error it is removed, so ``dest`` is always the whole old file or the whole new one."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

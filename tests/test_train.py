@@ -1,11 +1,17 @@
-"""The BC loop: loss falls, a killed run resumes exactly, only trainable parameters move, schedules and sampling."""
+"""The BC loop: loss falls, a run killed at any moment (checkpointing included) resumes exactly, only trainable
+parameters move, schedules and sampling."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from robolora.policies import PolicyConfig, VisuomotorPolicy
@@ -44,33 +50,97 @@ def test_tiny_policy_loss_falls(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(5, 61, 5))
     assert lines[-1]["train/loss"] < 0.5 * lines[0]["train/loss"]
-    assert (tmp_path / "train_state.safetensors").exists() and (tmp_path / "train_state.json").exists()
+    assert checkpoint_step(tmp_path) == 60 and not (tmp_path / "train_state.json").exists()
 
 
 class Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    config = TrainConfig(steps=24, batch_size=8, lr=1e-3, warmup_steps=2, log_every=4, checkpoint_every=8,
-                         device="cpu")
-    reference = tiny_policy()
-    train(reference, SyntheticDemos(), config, tmp_path / "ref")
+RESUMABLE = TrainConfig(steps=24, batch_size=8, lr=1e-3, warmup_steps=2, log_every=4, checkpoint_every=8,
+                        device="cpu")
 
-    def kill_at_13(step: int, metrics: dict[str, float]) -> None:
-        if step == 13:
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights after an uninterrupted RESUMABLE run, which every resumed run must reproduce bit for bit."""
+    reference = tiny_policy()
+    train(reference, SyntheticDemos(), RESUMABLE, tmp_path_factory.mktemp("uninterrupted"))
+    return reference.state_dict()
+
+
+def resume_to_the_end(run: Path) -> dict[str, torch.Tensor]:
+    resumed = tiny_policy(seed=123)  # a fresh process: different init, all state must come from the checkpoint
+    train(resumed, SyntheticDemos(), RESUMABLE, run, resume=True)
+    return resumed.state_dict()
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
+
+
+def checkpoint_step(run: Path) -> int:
+    with safe_open(str(run / "train_state.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["robolora/train_state"])["step"]
+
+
+def kill_at(step: int) -> Callable[[int, dict[str, float]], None]:
+    def on_step(done: int, metrics: dict[str, float]) -> None:
+        if done == step:
+            raise Killed
+    return on_step
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, uninterrupted):
+    with pytest.raises(Killed):
+        train(tiny_policy(), SyntheticDemos(), RESUMABLE, tmp_path, on_step=kill_at(13))
+    assert checkpoint_step(tmp_path) == 8
+    assert_same_weights(resume_to_the_end(tmp_path), uninterrupted)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 16, 20, 24], "metrics after the checkpoint must not be duplicated on resume"
+
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+def test_a_kill_while_checkpointing_resumes_to_the_same_weights(tmp_path, monkeypatch, uninterrupted, moment):
+    """A kill just before or just after the step-16 save renames its first file resumes exactly (from step 8 or
+    16). The old layout renamed its tensors, then its step JSON: a kill between the two resumed from step 8 with
+    step 16's weights, optimizer and RNG."""
+    real_replace, armed = os.replace, []
+
+    def killed_replace(src: str | Path, dst: str | Path) -> None:
+        if armed and moment == "before":
+            raise Killed
+        real_replace(src, dst)
+        if armed:
             raise Killed
 
-    interrupted = tiny_policy()
+    monkeypatch.setattr(os, "replace", killed_replace)
     with pytest.raises(Killed):
-        train(interrupted, SyntheticDemos(), config, tmp_path / "run", on_step=kill_at_13)
-    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["step"] == 8
-    resumed = tiny_policy(seed=123)  # a fresh process: different init, all state must come from the checkpoint
-    train(resumed, SyntheticDemos(), config, tmp_path / "run", resume=True)
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [4, 8, 12, 16, 20, 24], "metrics after the checkpoint must not be duplicated on resume"
+        train(tiny_policy(), SyntheticDemos(), RESUMABLE, tmp_path,
+              on_step=lambda step, _: armed.append(step) if step == 16 else None)
+    monkeypatch.undo()
+    assert checkpoint_step(tmp_path) == {"before": 8, "after": 16}[moment]
+    assert not list(tmp_path.glob(".train_state*")), "a temporary checkpoint file was left behind"
+    assert_same_weights(resume_to_the_end(tmp_path), uninterrupted)
+
+
+def test_a_format_1_checkpoint_resumes_and_a_torn_one_is_refused(tmp_path, uninterrupted):
+    """Format 1 kept the step in train_state.json beside header-less tensors; resuming one still works, and one
+    whose JSON is older than its tensors (killed between the two writes) is refused."""
+    with pytest.raises(Killed):
+        train(tiny_policy(), SyntheticDemos(), RESUMABLE, tmp_path, on_step=kill_at(13))
+    with safe_open(str(tmp_path / "train_state.safetensors"), framework="pt") as f:
+        meta = {**json.loads(f.metadata()["robolora/train_state"]), "format": 1}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    save_file(tensors, str(tmp_path / "train_state.safetensors"))
+    (tmp_path / "train_state.json").write_text(json.dumps({**meta, "step": 4}))
+    with pytest.raises(ValueError, match="parts disagree"):
+        resume_to_the_end(tmp_path)
+    (tmp_path / "train_state.json").write_text(json.dumps(meta))
+    assert_same_weights(resume_to_the_end(tmp_path), uninterrupted)
+    assert checkpoint_step(tmp_path) == 24 and not (tmp_path / "train_state.json").exists()
 
 
 def test_resume_refuses_a_different_model(tmp_path):
@@ -116,13 +186,21 @@ def test_sampler_is_stateless_and_balances_weights():
         BatchSampler(0, 4, seed=0)
 
 
-def test_random_shift_moves_content_and_keeps_shape():
-    images = torch.zeros(4, 16, 16, 3, dtype=torch.uint8)
+def test_random_shift_moves_content_by_its_offset_and_keeps_shape():
+    images = torch.zeros(3, 16, 16, 3, dtype=torch.uint8)
     images[:, 8, 8] = 255
-    out = random_shift(images, 2, torch.Generator().manual_seed(0))
+    offsets = torch.tensor([[2, 2], [0, 0], [4, 1]])  # (dx, dy) in [0, 2 * pad]; (pad, pad) is no shift
+    out = random_shift(images, 2, offsets)
     assert out.shape == images.shape and out.dtype == torch.uint8
-    assert all((out[i] == 255).any() for i in range(4))
-    assert any(not torch.equal(out[i], images[i]) for i in range(4))
+    assert torch.equal(out[0], images[0])
+    assert out[1, 10, 10].eq(255).all() and out[2, 9, 6].eq(255).all()
+    assert int((out == 255).sum()) == 3 * 3
+
+
+def test_shift_offsets_stay_in_range_and_differ_per_view():
+    first, second = BatchSampler(100, 64, seed=0).shift_offsets(5, 3, views=2)
+    assert first.shape == second.shape == (64, 2)
+    assert int(first.min()) >= 0 and int(first.max()) <= 6 and not torch.equal(first, second)
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("lr", 0.0), ("warmup_steps", 10_000),
