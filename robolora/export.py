@@ -1,12 +1,14 @@
 """Export a base policy, optionally with one skill merged in, as a controller bundle (docs/design.md §6).
 
 ``export_bundle(base, skill, out_dir)`` attaches the skill adapter, merges it, strips every LoRA module (the
-exported graph holds plain ``nn.Linear`` layers with W0 + s·BA) and writes, atomically (a temporary sibling folder
-renamed into place):
+exported graph holds the plain modules, ``nn.Linear`` and ``nn.MultiheadAttention``, with W0 + s·BA) and writes,
+atomically (a temporary sibling folder renamed into place):
 
-- ``policy.onnx``: ``predict_chunk`` on the raw observation tensors (``rgb_<camera>`` uint8 (B, S, S, 3),
-  ``proprio`` float32 (B, P), and for a base policy without a skill ``task_id`` int64 (B,)) -> ``actions``
-  (B, K, A) in [-1, 1]; the batch dimension is dynamic. Normalisation is inside the graph.
+- ``policy.onnx``: ``predict_chunk`` on the raw observation tensors, as the policy's ``spec`` describes them (for
+  robolora's policies ``rgb_<camera>`` uint8 (B, S, S, 3), ``proprio`` float32 (B, P), and for a base policy
+  without a skill ``task_id`` int64 (B,)) -> ``actions`` (B, K, A); the batch dimension is dynamic.
+  Normalisation is inside the graph. Any policy following robolora's policy protocol exports (``robolora.policy``);
+  saved checkpoints record their policy kind, so ``load_merged_policy`` rebuilds the right class.
 - ``policy.pt2``: the same program through ``torch.export`` (``torch.export.load`` reads it back).
 - ``model.safetensors``: the merged, stripped state dict (``load_merged_policy`` rebuilds the torch model).
 - ``policy.json``: observation and action spec, safe-hold action, chunking, control rate, skill, base fingerprint,
@@ -49,7 +51,9 @@ from robolora.atomic import replace_dir
 from robolora.controller import (BUNDLE_FILES, FORMAT, FORMAT_VERSION, ONNX_FILE, OUTPUT_NAME, PT2_FILE, SPEC_FILE,
                                  TASK_INPUT, WEIGHTS_FILE, load_bundle, sha256_file)
 from robolora.inject import lora_layers, strip_lora
-from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy
+from robolora.policies import base_fingerprint, load_policy
+from robolora.policies.checkpoint import POLICY_KINDS, policy_kind
+from robolora.policy import PolicySpec, check_policy, probe_batch
 
 logger = logging.getLogger(__name__)
 
@@ -67,34 +71,31 @@ class ExportParityError(RuntimeError):
 class ExportModule(nn.Module):
     """``policy.predict_chunk`` with positional raw-observation inputs: the function that is exported."""
 
-    def __init__(self, policy: VisuomotorPolicy, task_id: int | None = None) -> None:
+    def __init__(self, policy: nn.Module, task_id: int | None = None) -> None:
         super().__init__()
         self.policy = policy
-        self.takes_task = policy.skill_token is None and task_id is None
+        self.spec: PolicySpec = check_policy(policy)
+        self.task_key = self.spec.task_key
+        self.takes_task = self.task_key is not None and getattr(policy, "skill_token", None) is None \
+            and task_id is None
         self.register_buffer("baked_task", torch.tensor(task_id or 0, dtype=torch.long))
-        self.input_names = (*policy.config.image_keys, "proprio") + ((TASK_INPUT,) if self.takes_task else ())
+        self.input_names = tuple(self.spec.observation) + ((self.task_key,) if self.takes_task else ())
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         batch = dict(zip(self.input_names, inputs))
-        if not self.takes_task:
-            batch[TASK_INPUT] = self.baked_task.expand(batch["proprio"].shape[0])  # (B,); ignored under a skill
+        if self.task_key is not None and not self.takes_task:  # (B,); ignored under a skill
+            batch[self.task_key] = self.baked_task.expand(inputs[0].shape[0])
         return self.policy.predict_chunk(batch)  # (B, K, A)
 
 
-def probe_inputs(policy: VisuomotorPolicy, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Fixed random observations at the scale the policy sees (proprio drawn around its normalisation stats)."""
-    cfg = policy.config
-    g = torch.Generator().manual_seed(seed)
-    probe = {k: torch.randint(0, 256, (batch_size, cfg.image_size, cfg.image_size, 3), generator=g,
-                              dtype=torch.uint8) for k in cfg.image_keys}
-    noise = torch.randn(batch_size, cfg.proprio_dim, generator=g)
-    probe["proprio"] = (policy.proprio_mean.cpu() + policy.proprio_std.cpu() * noise).float()
-    probe[TASK_INPUT] = torch.arange(batch_size, dtype=torch.long) % cfg.num_tasks
-    return probe
+def probe_inputs(policy: nn.Module, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed random observations at the scale the policy sees (``PolicySpec.probe``: images uniform, other inputs
+    around the policy's normalisation statistics)."""
+    return probe_batch(policy, batch_size, seed)
 
 
 def export_bundle(
-    base: str | Path | VisuomotorPolicy,
+    base: str | Path | nn.Module,
     skill: str | Path | SkillAdapter | None,
     out_dir: str | Path,
     control_hz: float = 20.0,
@@ -105,7 +106,7 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Merge ``skill`` into ``base``, strip LoRA, write and verify the bundle at ``out_dir``; returns policy.json.
 
-    ``base``: a checkpoint folder or a plain ``VisuomotorPolicy`` (copied, never modified). ``skill``: an adapter
+    ``base``: a checkpoint folder or a plain protocol policy (copied, never modified). ``skill``: an adapter
     folder, a ``SkillAdapter`` or None for the base alone. ``task_id`` bakes a base task into a base bundle.
     ``env_id`` names the env whose proprio bounds the bundle enforces; by default the skill's task when the skill
     is named after one (``dish_rack`` -> robolora/DishRack-v0) or the baked base task, else no bounds (only
@@ -113,9 +114,10 @@ def export_bundle(
     """
     out_dir = Path(out_dir)
     _check_destination(out_dir)
-    policy = copy.deepcopy(base) if isinstance(base, VisuomotorPolicy) else load_policy(base)
+    policy = copy.deepcopy(base) if isinstance(base, nn.Module) else load_policy(base)
     policy = policy.cpu().float().eval()
-    if lora_layers(policy) or policy.skill_token is not None:
+    spec = check_policy(policy)
+    if lora_layers(policy) or getattr(policy, "skill_token", None) is not None:
         raise ValueError("export_bundle needs the plain base policy (no LoRA layers, no skill token); pass the "
                          "adapter as `skill` and the export merges it")
     fingerprint = base_fingerprint(policy)
@@ -131,8 +133,8 @@ def export_bundle(
     leftover = [n for n in policy.state_dict() if "lora_" in n or ".base_layer" in n] + list(lora_layers(policy))
     if leftover:
         raise RuntimeError(f"LoRA modules remain after strip_lora: {leftover[:5]} (robolora.inject bug)")
-    if task_id is not None and not 0 <= task_id < policy.config.num_tasks:
-        raise ValueError(f"task_id={task_id} outside [0, {policy.config.num_tasks}) of the base policy")
+    if task_id is not None and not 0 <= task_id < spec.num_tasks:
+        raise ValueError(f"task_id={task_id} outside [0, {spec.num_tasks}) of the base policy")
     module = ExportModule(policy, task_id).eval()
     skill_name = None if adapter is None else adapter.skill
     env_id = env_id or _default_env(skill_name, task_id)
@@ -155,11 +157,16 @@ def export_bundle(
     return {**meta, "path": str(out_dir)}
 
 
-def load_merged_policy(bundle: str | Path) -> VisuomotorPolicy:
+def load_merged_policy(bundle: str | Path) -> nn.Module:
     """The merged torch policy of a bundle, rebuilt from ``policy.json`` and ``model.safetensors`` (strict)."""
     bundle = Path(bundle)
     meta = json.loads((bundle / SPEC_FILE).read_text())
-    policy = VisuomotorPolicy(PolicyConfig.from_dict(meta["policy_config"]))
+    kind = meta.get("policy_kind", "visuomotor")
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"{bundle}: the bundle holds a {meta.get('policy_class')} policy, which robolora cannot "
+                         "rebuild; run its policy.onnx or policy.pt2, or build the module and load model.safetensors")
+    config_cls, policy_cls = POLICY_KINDS[kind]
+    policy = policy_cls(config_cls.from_dict(meta["policy_config"]))
     state = load_file(str(bundle / WEIGHTS_FILE))
     if "skill_token" in state:
         policy.set_skill_token(nn.Parameter(torch.zeros_like(state["skill_token"]), requires_grad=False))
@@ -167,7 +174,7 @@ def load_merged_policy(bundle: str | Path) -> VisuomotorPolicy:
     return policy.eval()
 
 
-def _write_programs(module: ExportModule, policy: VisuomotorPolicy, out: Path) -> None:
+def _write_programs(module: ExportModule, policy: nn.Module, out: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(out / WEIGHTS_FILE),
               metadata={"format": "pt", "robolora": FORMAT})
     probe = probe_inputs(policy, PROBE_BATCHES[-1])
@@ -185,10 +192,12 @@ def _write_programs(module: ExportModule, policy: VisuomotorPolicy, out: Path) -
     torch.export.save(program, str(out / PT2_FILE))
 
 
-def _parity(module: ExportModule, unmerged: VisuomotorPolicy | None, bundle: Path, tolerance: float) -> dict:
+def _parity(module: ExportModule, unmerged: nn.Module | None, bundle: Path, tolerance: float) -> dict:
     controller = load_bundle(bundle)
     program = torch.export.load(str(bundle / PT2_FILE)).module()
-    reloaded = ExportModule(load_merged_policy(bundle), None if module.takes_task else int(module.baked_task))
+    known = type(module.policy) in {cls for _, cls in POLICY_KINDS.values()}  # else no class to rebuild it from
+    reloaded = ExportModule(load_merged_policy(bundle), None if module.takes_task else int(module.baked_task)) \
+        if known else None
     diffs: dict[str, float] = {}
     for size in PROBE_BATCHES:
         probe = probe_inputs(module.policy, size, seed=size)
@@ -197,7 +206,9 @@ def _parity(module: ExportModule, unmerged: VisuomotorPolicy | None, bundle: Pat
             merged = module(*args)
             outputs = {"onnx": torch.from_numpy(controller.predict_chunk({k: a.numpy() for k, a in
                                                                            zip(module.input_names, args)})),
-                       "pt2": program(*args), "safetensors": reloaded(*args)}
+                       "pt2": program(*args)}
+            if reloaded is not None:
+                outputs["safetensors"] = reloaded(*args)
             if unmerged is not None:
                 outputs["unmerged"] = ExportModule(unmerged, None if module.takes_task else
                                                    int(module.baked_task)).eval()(*args)
@@ -223,13 +234,19 @@ def _parity(module: ExportModule, unmerged: VisuomotorPolicy | None, bundle: Pat
 
 def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: str | None, task_id: int | None,
           fingerprint: str, adapter: SkillAdapter | None) -> dict[str, Any]:
-    cfg = module.policy.config
+    spec = module.spec
     if not control_hz > 0:
         raise ValueError(f"control_hz={control_hz} must be > 0")
-    low, high = _env_proprio_bounds(env_id, cfg) if env_id else (None, None)
-    observation = {k: {"shape": [cfg.image_size, cfg.image_size, 3], "dtype": "uint8", "low": 0, "high": 255}
-                   for k in cfg.image_keys}
-    observation["proprio"] = {"shape": [cfg.proprio_dim], "dtype": "float32", "low": low, "high": high}
+    bounds = _env_bounds(env_id, spec) if env_id else {}
+    observation = {}
+    for key, s in spec.observation.items():
+        low, high = bounds.get(key, (s.low, s.high))
+        observation[key] = {"shape": list(s.shape), "dtype": s.dtype, "low": low, "high": high}
+    action_dim = spec.action_dim
+    low = [-1.0] * action_dim if spec.action.low is None else [float(spec.action.low)] * action_dim
+    high = [1.0] * action_dim if spec.action.high is None else [float(spec.action.high)] * action_dim
+    normalization = {f"{k}_{stat}": list(getattr(s, stat)) for k, s in spec.observation.items()
+                     for stat in ("mean", "std") if getattr(s, stat) is not None}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -239,23 +256,29 @@ def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: st
         "adapter": None if adapter is None else {"skill": adapter.skill, "lora": adapter.config.to_dict(),
                                                  "layers": len(adapter.lora), "skill_token": adapter.skill_token
                                                  is not None},
-        "task": {"input": module.takes_task, "baked": task_id, "num_tasks": cfg.num_tasks},
+        "task": {"input": module.takes_task, "baked": task_id, "num_tasks": spec.num_tasks},
         "inputs": list(module.input_names),
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", cfg.chunk_size, cfg.action_dim], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", spec.chunk_size, action_dim], "dtype": "float32"},
         "observation": observation,
-        "action": {"shape": [cfg.action_dim], "dtype": "float32", "low": [-1.0] * cfg.action_dim,
-                   "high": [1.0] * cfg.action_dim, "stop": list(STOP_ACTION), "hold_last": list(HOLD_LAST)},
-        "normalization": {"proprio_mean": module.policy.proprio_mean.tolist(),
-                          "proprio_std": module.policy.proprio_std.tolist(),
-                          "images": "(x - 127.5) / 64, inside the graph", "applied_in_graph": True},
-        "chunking": {"chunk_size": cfg.chunk_size, "n_action_steps": cfg.n_action_steps,
-                     "temporal_ensemble": cfg.temporal_ensemble},
+        "action": {"shape": [action_dim], "dtype": "float32", "low": low, "high": high,
+                   "stop": list(STOP_ACTION), "hold_last": list(HOLD_LAST)},
+        "normalization": {**normalization, "applied_in_graph": True},
+        "chunking": {"chunk_size": spec.chunk_size, **spec.execution.to_dict()},
         "control_hz": float(control_hz),
-        "policy_config": cfg.to_dict(),
+        **_policy_class(module.policy),
         "onnx_opset": ONNX_OPSET,
         "exported_with": {"robolora": robolora.__version__, "torch": torch.__version__,
                           "onnxruntime": __import__("onnxruntime").__version__},
     }
+
+
+def _policy_class(policy: nn.Module) -> dict[str, Any]:
+    """How ``load_merged_policy`` rebuilds the torch module: robolora's kinds by name and config; other protocol
+    policies are recorded by class name only (the bundle's ONNX and pt2 programs do not need the class)."""
+    if type(policy) in {cls for _, cls in POLICY_KINDS.values()}:
+        return {"policy_kind": policy_kind(policy), "policy_config": policy.config.to_dict()}
+    return {"policy_kind": None, "policy_class": f"{type(policy).__module__}.{type(policy).__qualname__}",
+            "policy_config": None}
 
 
 def _default_env(skill: str | None, task_id: int | None) -> str | None:
@@ -266,15 +289,25 @@ def _default_env(skill: str | None, task_id: int | None) -> str | None:
     return None if task_id is None else envs.TASKS[envs.BASE_TASKS[task_id]]
 
 
-def _env_proprio_bounds(env_id: str, cfg: PolicyConfig) -> tuple[list[float], list[float]]:
+def _env_bounds(env_id: str, spec: PolicySpec) -> dict[str, tuple[list[float], list[float]]]:
+    """Per-element bounds of the env's non-image observations the policy reads (checked against the spec)."""
     import robolora.envs as envs
 
-    env = envs.make(env_id, image_size=cfg.image_size, cameras=cfg.cameras)
+    images = spec.image_keys
+    env = envs.make(env_id, image_size=spec.observation[images[0]].shape[0] if images else 64,
+                    cameras=tuple(k.removeprefix("rgb_") for k in images))
     try:
-        space = env.observation_space["proprio"]
-        if space.shape != (cfg.proprio_dim,):
-            raise ValueError(f"{env_id} has proprio {space.shape} but the policy takes ({cfg.proprio_dim},)")
-        return np.asarray(space.low, np.float32).tolist(), np.asarray(space.high, np.float32).tolist()
+        out = {}
+        for key, s in spec.observation.items():
+            if s.is_image:
+                continue
+            if key not in env.observation_space.spaces:
+                raise ValueError(f"{env_id} has no observation {key!r} (has {sorted(env.observation_space.spaces)})")
+            space = env.observation_space[key]
+            if space.shape != s.shape:
+                raise ValueError(f"{env_id} has {key} {space.shape} but the policy takes {s.shape}")
+            out[key] = (np.asarray(space.low, np.float32).tolist(), np.asarray(space.high, np.float32).tolist())
+        return out
     finally:
         env.close()
 

@@ -103,7 +103,8 @@ def test_predict_resets_the_chunk_queue_of_starting_envs_only():
     torch.manual_seed(0)
     policy = VisuomotorPolicy(PolicyConfig.preset("tiny", n_action_steps=4)).eval()
     wrapper = SB3SkillPolicy(policy, task_id=0)
-    first, second = probe_batch(policy, 2, seed=1), probe_batch(policy, 2, seed=2)
+    zero = {"task_id": torch.zeros(2, dtype=torch.long)}  # the wrapper's task
+    first, second = {**probe_batch(policy, 2, seed=1), **zero}, {**probe_batch(policy, 2, seed=2), **zero}
     obs = lambda b: {"rgb_front": b["rgb_front"].numpy(), "proprio": b["proprio"].numpy()}  # noqa: E731
     with torch.no_grad():
         chunk1, chunk2 = policy.predict_chunk(first), policy.predict_chunk(second)
