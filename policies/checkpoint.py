@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SKILL_TOKEN = "skill_token"
+SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"  # inside the installed robolora.policies package
 
 
 def _is_lora_name(name: str) -> bool:
@@ -56,6 +57,29 @@ def base_fingerprint(policy: nn.Module) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def resolve_shipped(path: str | os.PathLike[str], shipped_dir: Path, marker: str, what: str, hint: str) -> Path:
+    """``path`` when it exists, else the shipped ``shipped_dir/<path>`` when ``path`` is the bare name of one.
+
+    A shipped folder is one holding ``marker``. An existing path always wins, so a folder of the user's named like a
+    shipped one is the one used. A path that is neither is a FileNotFoundError naming the shipped names and ``hint``.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    is_name = str(path) == path.name and path.name not in ("", ".", "..")
+    if is_name and (shipped_dir / path.name / marker).is_file():
+        return shipped_dir / path.name
+    shipped = sorted(p.parent.name for p in shipped_dir.glob(f"*/{marker}"))
+    raise FileNotFoundError(f"no {what} at {str(path)!r} (from {Path.cwd()}) and no shipped one of that name "
+                            f"(shipped: {shipped}); {hint}")
+
+
+def resolve_policy(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder: ``path`` when it exists, else the shipped checkpoint of that name (``"base"``)."""
+    return resolve_shipped(path, SHIPPED_DIR, CONFIG_FILE, "policy checkpoint folder",
+                           f"expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE} written by save_policy")
 
 
 def save_policy(policy: VisuomotorPolicy, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
@@ -100,10 +124,10 @@ def save_policy(policy: VisuomotorPolicy, path: str | os.PathLike[str], metadata
 
 
 def read_policy_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint folder, checked for format and version."""
-    path = Path(path)
+    """The parsed ``config.json`` of a checkpoint folder or shipped checkpoint, checked for format and version."""
+    path = resolve_policy(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no policy checkpoint folder at {path}; expected a folder with "
+        raise FileNotFoundError(f"{path} is a file, not a policy checkpoint folder; expected a folder with "
                                 f"{WEIGHTS_FILE} and {CONFIG_FILE} written by save_policy")
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -112,6 +136,9 @@ def read_policy_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         header = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file} is not valid JSON ({e}); re-save the checkpoint") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, not {type(header).__name__}; the checkpoint is "
+                         f"corrupt or hand-edited, re-save it with save_policy")
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_file} has format {header.get('format')!r} version "
                          f"{header.get('format_version')!r}; this robolora reads {FORMAT!r} "
@@ -120,8 +147,9 @@ def read_policy_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> VisuomotorPolicy:
-    """Rebuild a policy saved by ``save_policy``, strictly: every tensor must be present with its exact shape."""
-    path = Path(path)
+    """Rebuild a policy saved by ``save_policy``, strictly: every tensor must be present with its exact shape.
+    ``path`` is a checkpoint folder or the name of a shipped one: ``load_policy("base")`` works from any folder."""
+    path = resolve_policy(path)
     header = read_policy_header(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():

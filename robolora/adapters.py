@@ -30,6 +30,7 @@ from robolora.atomic import atomic_dir
 from robolora.config import LoRAConfig
 from robolora.inject import inject_lora, lora_layers, remove_adapter
 from robolora.policies import base_fingerprint
+from robolora.policies.checkpoint import SHIPPED_DIR, resolve_shipped
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +84,21 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: an adapter folder holds {WEIGHTS} and {META}")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the adapter file is corrupt, re-export it") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(value).__name__}; the adapter file is corrupt "
+                         "or hand-edited, re-export it")
+    return value
+
+
+def _fingerprint(value: Any, where: Path) -> str | None:
+    """A stored ``base_fingerprint``: the base's sha256 hex digest, or None for an adapter not tied to a base."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: base_fingerprint must be a string (the sha256 hex digest of the base it was "
+                         f"trained on) or null, got {value!r}; the adapter file is corrupt or hand-edited")
+    return value
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -97,11 +110,25 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is truncated or corrupt ({e}); re-train or re-copy the adapter") from e
 
 
+def shipped_skills_dir() -> Path:
+    """Where the shipped skill adapters live: ``policies/pretrained/skills/<name>/`` in the installed package."""
+    return SHIPPED_DIR / "skills"
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """An adapter folder: ``path`` when it exists, else the shipped skill of that name (``"wipe"``)."""
+    return resolve_shipped(path, shipped_skills_dir(), META, "adapter folder",
+                           "pass the folder robolora train-skill wrote (RUN/adapter)")
+
+
 def load_adapter(path: str | Path) -> SkillAdapter:
-    """Read and validate an adapter folder (robolora layout, or PEFT layout via :func:`from_peft`)."""
-    path = Path(path)
+    """Read and validate an adapter folder (robolora layout, or PEFT layout via :func:`from_peft`).
+
+    ``path`` is a folder or the name of a shipped skill: ``load_adapter("wipe")`` works from any folder.
+    """
+    path = resolve_adapter(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter folder {path} does not exist")
+        raise FileNotFoundError(f"{path} is a file, not an adapter folder; pass the folder holding {META}")
     if not (path / META).exists() and (path / PEFT_CONFIG).exists():
         return from_peft(path)
     meta = _read_json(path / META)
@@ -118,7 +145,8 @@ def load_adapter(path: str | Path) -> SkillAdapter:
         raise ValueError(f"{path / WEIGHTS} lacks the tensor {SKILL_TOKEN!r} that {META} announces")
     lora = _pair_tensors(tensors, layers, config.rank, path / WEIGHTS)
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
-    adapter = SkillAdapter(skill, config, lora, token, meta.get("base_fingerprint"), extra)
+    fingerprint = _fingerprint(meta.get("base_fingerprint"), path / META)
+    adapter = SkillAdapter(skill, config, lora, token, fingerprint, extra)
     _check_finite(adapter, path)
     return adapter
 
@@ -175,7 +203,8 @@ def attach(policy: nn.Module, adapter: SkillAdapter, name: str | None = None,
     if check_fingerprint and adapter.base_fingerprint is not None:
         actual = base_fingerprint(policy)
         if actual != adapter.base_fingerprint:
-            raise ValueError(f"adapter {adapter.skill!r} was trained on base {adapter.base_fingerprint[:16]}... "
+            trained = str(adapter.base_fingerprint)  # str(): an adapter built in code may hold a non-string
+            raise ValueError(f"adapter {adapter.skill!r} was trained on base {trained[:16]}... "
                              f"but this policy is base {actual[:16]}...; load the base it was trained on "
                              f"(full fingerprints: adapter {adapter.base_fingerprint}, policy {actual})")
     modules = dict(policy.named_modules())
@@ -302,16 +331,21 @@ def from_peft(path: str | Path, skill: str | None = None) -> SkillAdapter:
                              "lora_A.weight / lora_B.weight)")
         tensors[key[len(PEFT_PREFIX):-len(".weight")]] = value
     layers = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    side = _read_json(path / "robolora_skill.json") if (path / "robolora_skill.json").exists() else {}
-    rank = int(cfg["r"])
-    config = LoRAConfig(rank=rank, alpha=float(cfg["lora_alpha"]), targets=tuple(layers),
-                        dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False)),
-                        init_std=side.get("init_std"))
-    lora = _pair_tensors(tensors, layers, rank, path / PEFT_WEIGHTS)
+    side_file = path / "robolora_skill.json"
+    side = _read_json(side_file) if side_file.exists() else {}
+    fingerprint = _fingerprint(side.get("base_fingerprint"), side_file)
+    try:
+        config = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=tuple(layers),
+                            dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False)),
+                            init_std=side.get("init_std"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path / PEFT_CONFIG} lacks or has an invalid field ({e}); the adapter file is "
+                         "corrupt") from e
+    lora = _pair_tensors(tensors, layers, config.rank, path / PEFT_WEIGHTS)
     token = None
     if (path / "robolora_skill.safetensors").exists():
         token = _read_tensors(path / "robolora_skill.safetensors").get(SKILL_TOKEN)
-    adapter = SkillAdapter(skill or side.get("skill") or path.name, config, lora, token,
-                           side.get("base_fingerprint"), {"source": "peft"})
+    adapter = SkillAdapter(skill or side.get("skill") or path.name, config, lora, token, fingerprint,
+                           {"source": "peft"})
     _check_finite(adapter, path)
     return adapter

@@ -15,11 +15,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import robolora  # noqa: E402
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 EPILOG = """examples:
   robolora info                                   # versions, device, tasks, shipped checkpoints
@@ -33,20 +36,28 @@ EPILOG = """examples:
 
 
 class Progress:
-    """A tqdm bar the library reports into through plain callbacks (library code never draws bars)."""
+    """A tqdm bar the library reports into through plain callbacks (library code never draws bars).
+
+    The bar appears at the library's first report, after it has checked its inputs: a refused command prints its
+    one-line error with no bar above it.
+    """
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.bar: tqdm | None = None
 
     def update_to(self, n: int, postfix: dict[str, float] | None = None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, disable=not self.enabled, dynamic_ncols=True, leave=True)
         self.bar.update(n - self.bar.n)
         if postfix:
             self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def emit(args: argparse.Namespace, result: dict[str, Any], table: Callable[[], str] | None = None) -> None:
@@ -81,7 +92,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from robolora.data import collect
     from robolora.envs import TASKS
 
-    env_id = TASKS.get(args.task, args.task)
+    env_id = TASKS[args.task]
     bar = Progress(args.episodes, f"collect {args.task}", not args.json)
     try:
         manifest = collect(env_id, args.episodes, args.out, seed=args.seed, noise=args.noise,
@@ -95,8 +106,21 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def task_arg(text: str) -> str:
+    """argparse type for a task: a registered name (``push``) or Gymnasium id (``robolora/Push-v0``) -> its name."""
+    from robolora.envs import get_spec
+
+    try:
+        return get_spec(text).name
+    except KeyError as e:
+        raise argparse.ArgumentTypeError(e.args[0]) from None
+
+
 def task_weight_arg(text: str) -> tuple[str, float]:
-    """argparse type for ``TASK=W`` (W a finite number > 0), shared by ``robolora pretrain`` and pretrain_base.py."""
+    """argparse type for ``TASK=W`` (a base task, W a finite number > 0), shared by ``robolora pretrain`` and
+    pretrain_base.py."""
+    from robolora.envs import BASE_TASKS
+
     task, sep, value = text.partition("=")
     try:
         weight = float(value)
@@ -104,6 +128,9 @@ def task_weight_arg(text: str) -> tuple[str, float]:
         weight = float("nan")
     if not sep or not task or not math.isfinite(weight) or weight <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected TASK=W with W a number > 0, e.g. push=2")
+    if task not in BASE_TASKS:
+        raise argparse.ArgumentTypeError(f"{text!r}: {task!r} is not a base task; pretraining weighs "
+                                         f"{list(BASE_TASKS)}")
     return task, weight
 
 
@@ -196,9 +223,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if execution:  # overrides the checkpoint's and the skill's execution
         policy.set_execution(**execution)
     rows = []
-    for task in args.task:
-        env_id = TASKS.get(task, task)
-        name = next((k for k, v in TASKS.items() if v == env_id), task)
+    for name in args.task:
+        env_id = TASKS[name]
         uses_task_id = name in BASE_TASKS and policy.skill_token is None
         task_id = BASE_TASKS.index(name) if uses_task_id else None
         bar = Progress(args.episodes, f"eval {name}", not args.json)
@@ -338,7 +364,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     from robolora.controller import control_main
     from robolora.envs import TASKS
 
-    env_id = TASKS.get(args.env, args.env)
+    env_id = TASKS[args.env]
     bar = Progress(args.episodes, "control", not args.json)
     try:
         m = control_main(args.bundle, env_id, hz=args.hz, episodes=args.episodes, seed=args.seed,
@@ -415,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="record scripted-expert demonstrations into a dataset folder",
                        epilog="example: robolora collect --task pick_place --episodes 200 --out data/pick_place")
-    p.add_argument("--task", required=True, help="task name (reach, push, ..., dish_rack, wipe) or gym id")
+    p.add_argument("--task", type=task_arg, required=True,
+                   help="task name (reach, push, ..., dish_rack, wipe) or gym id")
     p.add_argument("--episodes", type=int, default=100, help="successful episodes to record (default 100)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder (resumed when it exists)")
     p.add_argument("--seed", type=int, default=0, help="first episode seed (default 0)")
@@ -480,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: robolora eval --policy policies/pretrained/base --task reach push")
     p.add_argument("--policy", type=Path, default=None, help="policy checkpoint (default: the shipped base)")
     p.add_argument("--skill", type=Path, default=None, help="skill adapter folder to attach")
-    p.add_argument("--task", nargs="+", required=True, help="task names or gym ids")
+    p.add_argument("--task", type=task_arg, nargs="+", required=True, help="task names or gym ids")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task (default 50)")
     p.add_argument("--seed", type=int, default=None, help="first evaluation seed (default: held-out range)")
     p.add_argument("--num-envs", type=int, default=1, help="parallel environments (default 1)")
@@ -533,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("control", help="run a bundle with the torch-free controller at a fixed rate in MuJoCo",
                        epilog="example: robolora control --bundle bundles/dish --env robolora/DishRack-v0 --hz 20")
     p.add_argument("--bundle", type=Path, required=True, help="controller bundle folder (robolora export)")
-    p.add_argument("--env", required=True, help="task name or gym id to drive")
+    p.add_argument("--env", type=task_arg, required=True, help="task name or gym id to drive")
     p.add_argument("--hz", type=float, default=None, help="control rate (default: the bundle's; 0 = unpaced)")
     p.add_argument("--episodes", type=int, default=20, help="episodes (default 20)")
     p.add_argument("--seed", type=int, default=None, help="first episode seed (default: held-out range)")

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from robolora.data import BCDataset, load_manifest
 from robolora.envs import BASE_TASKS, TASKS
 from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
 from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy, save_policy
+from robolora.policies.checkpoint import SHIPPED_DIR
 from robolora.stats import VALIDATION_SEED
 from robolora.train import TrainConfig, resolve_device, train
 
@@ -38,8 +38,8 @@ SKILL_METHODS = ("lora", "full", "scratch")
 
 
 def shipped_base() -> Path:
-    """The pretrained base shipped inside the package (``policies/pretrained/base``)."""
-    return Path(str(resources.files("robolora.policies"))) / "pretrained" / "base"
+    """The pretrained base shipped inside the package (``policies/pretrained/base``; ``load_policy("base")``)."""
+    return SHIPPED_DIR / "base"
 
 
 def task_of(data_dir: str | Path) -> str:

@@ -34,10 +34,10 @@ SWITCHES: tuple[str, ...] = ("success", "schedule")
 
 
 def shipped_skills_dir() -> Path:
-    """Where the shipped skill adapters live: ``policies/pretrained/skills/<name>/``."""
-    from importlib import resources
+    """Where the shipped skill adapters live: ``policies/pretrained/skills/<name>/`` (robolora.adapters')."""
+    from robolora.adapters import shipped_skills_dir
 
-    return Path(str(resources.files("robolora.policies"))) / "pretrained" / "skills"
+    return shipped_skills_dir()
 
 
 def parse_skills(skills: str | Sequence[str | Path]) -> list[str | Path]:
@@ -49,17 +49,9 @@ def parse_skills(skills: str | Sequence[str | Path]) -> list[str | Path]:
 
 def resolve_skill(skill: str | Path) -> Path:
     """An adapter folder: ``skill`` itself when it is an existing path, else the shipped adapter of that name."""
-    path = Path(skill)
-    if path.is_dir():
-        return path
-    if isinstance(skill, str) and "/" not in skill and "\\" not in skill:
-        shipped = shipped_skills_dir() / skill
-        if shipped.is_dir():
-            return shipped
-        available = sorted(p.name for p in shipped_skills_dir().glob("*") if p.is_dir())
-        raise FileNotFoundError(f"skill {skill!r} is neither an adapter folder nor a shipped skill (shipped: "
-                                f"{available}); pass the folder robolora train-skill wrote (RUN/adapter)")
-    raise FileNotFoundError(f"adapter folder {skill} does not exist; pass the folder robolora train-skill wrote")
+    from robolora.adapters import resolve_adapter
+
+    return resolve_adapter(skill)
 
 
 def _attach_skills(manager: Any, skills: Sequence[str | Path]) -> list[str]:

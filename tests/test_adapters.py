@@ -214,3 +214,59 @@ def test_adapter_made_by_peft_converts_with_identical_outputs(tmp_path):
     attach(ours, adapter)
     set_active_adapter(ours, "peft_skill")
     assert torch.allclose(outputs(theirs.base_model.model), outputs(ours), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("text", ["null", "[1, 2]", "3", '"wipe"'])
+def test_adapter_json_that_is_not_an_object_is_refused(tmp_path, text):
+    save_adapter(trained_adapter(), tmp_path / "a")
+    (tmp_path / "a" / "adapter.json").write_text(text)
+    _refused(tiny(), tmp_path / "a", "adapter.json must hold a JSON object")
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "robolora_skill.json"])
+def test_peft_json_that_is_not_an_object_is_refused(tmp_path, name):
+    to_peft(trained_adapter(), tmp_path / "peft")
+    (tmp_path / "peft" / name).write_text("[]")
+    with pytest.raises(ValueError, match=f"{name} must hold a JSON object"):
+        from_peft(tmp_path / "peft")
+
+
+def test_peft_config_without_rank_is_refused_by_name(tmp_path):
+    to_peft(trained_adapter(), tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    del config["r"]
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="adapter_config.json lacks or has an invalid field"):
+        from_peft(tmp_path / "peft")
+
+
+@pytest.mark.parametrize("fingerprint", [12345, 1.5, ["abc"], {"sha": "abc"}, True])
+def test_non_string_base_fingerprint_is_refused_on_load(tmp_path, fingerprint):
+    save_adapter(trained_adapter(), tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    meta["base_fingerprint"] = fingerprint
+    (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
+    _refused(tiny(), tmp_path / "a", "base_fingerprint must be a string")
+
+
+def test_attach_with_a_non_string_fingerprint_is_refused_cleanly():
+    adapter = trained_adapter()
+    adapter.base_fingerprint = 12345  # built in code, not loaded: attach must still say what is wrong
+    policy = tiny()
+    before = outputs(policy)
+    with pytest.raises(ValueError, match="was trained on base 12345"):
+        attach(policy, adapter)
+    assert torch.equal(outputs(policy), before) and not lora_layers(policy)
+
+
+def test_load_adapter_finds_a_shipped_skill_by_name_from_any_folder(tmp_path, monkeypatch):
+    from robolora.rollout import shipped_skills_dir
+
+    if not (shipped_skills_dir() / "wipe" / "adapter.json").exists():
+        pytest.skip("no shipped skill adapters in this installation")
+    monkeypatch.chdir(tmp_path)
+    assert load_adapter("wipe").skill == "wipe"
+    with pytest.raises(FileNotFoundError, match=r"shipped: \[.*'dish_rack'.*'wipe'\]"):
+        load_adapter("pour")
+    save_adapter(trained_adapter(seed=5), tmp_path / "wipe")  # an existing folder wins over the shipped name
+    assert torch.equal(load_adapter("wipe").skill_token, trained_adapter(seed=5).skill_token)

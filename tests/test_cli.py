@@ -83,3 +83,47 @@ def test_pretrain_task_weight_must_be_task_eq_positive_number(bad, tmp_path, cap
         main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--task-weight", bad])
     assert exit_info.value.code == 2
     assert "expected TASK=W" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, command: str) -> str:
+    """The error a refused command printed: its last stderr line, with no traceback and no progress bar before it."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "it/s]" not in err and "%|" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"robolora {command}: error: "), err
+    return last
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("eval", ["eval", "--task", "reach", "dish", "--episodes", "1"]),
+    ("collect", ["collect", "--task", "dish", "--episodes", "1", "--out", "{tmp}/data"]),
+    ("control", ["control", "--env", "dish", "--bundle", "{tmp}", "--episodes", "1"]),
+])
+def test_unknown_task_is_a_one_line_usage_error(command, argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    line = _one_line_error(capsys, command)
+    assert "unknown task 'dish'" in line and "'dish_rack'" in line and "robolora/DishRack-v0" in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_task_ids_are_accepted_where_task_names_are():
+    from robolora.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--task", "robolora/Reach-v0", "push"])
+    assert args.task == ["reach", "push"]
+
+
+def test_pretrain_task_weight_must_name_a_base_task(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--task-weight", "dish=2"])
+    assert exit_info.value.code == 2
+    line = _one_line_error(capsys, "pretrain")
+    assert "'dish' is not a base task" in line and "'reach'" in line
+
+
+def test_unknown_skill_is_refused_before_a_progress_bar_is_drawn(capsys):
+    assert main(["rollout", "--skills", "pour", "--episodes", "1", "--device", "cpu"]) == 2
+    line = _one_line_error(capsys, "rollout")
+    assert "'pour'" in line and "shipped: ['dish_rack', 'wipe']" in line

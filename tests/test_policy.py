@@ -376,3 +376,26 @@ def test_cuda_bf16_autocast_forward_backward_and_select_action() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         action = policy.eval().select_action(make_obs(policy.config, batch_size=2))
     assert action.shape == (2, A) and action.dtype == np.float32 and np.isfinite(action).all()
+
+
+@pytest.mark.parametrize("text", ["null", "[]", "7"])
+def test_load_refuses_a_config_json_that_is_not_an_object(policy: VisuomotorPolicy, tmp_path: Path,
+                                                          text: str) -> None:
+    save_policy(policy, tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json must hold a JSON object"):
+        load_policy(tmp_path / "ck")
+
+
+def test_load_policy_finds_the_shipped_base_by_name_from_any_folder(policy: VisuomotorPolicy, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from robolora.recipes import shipped_base
+
+    if not (shipped_base() / "config.json").exists():
+        pytest.skip("no shipped base in this installation")
+    monkeypatch.chdir(tmp_path)
+    assert base_fingerprint(load_policy("base")) == base_fingerprint(load_policy(shipped_base()))
+    with pytest.raises(FileNotFoundError, match=r"no policy checkpoint folder at .*shipped: \['base'\]"):
+        load_policy("bsae")
+    save_policy(policy, tmp_path / "base")  # an existing folder wins over the shipped name
+    assert base_fingerprint(load_policy("base")) == base_fingerprint(policy)
