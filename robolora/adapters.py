@@ -28,7 +28,7 @@ from torch import nn
 
 from robolora.atomic import atomic_dir
 from robolora.config import LoRAConfig
-from robolora.inject import inject_lora, lora_layers, remove_adapter
+from robolora.inject import inject_lora, lora_layers, remove_adapter, target_shapes
 from robolora.policies import base_fingerprint
 from robolora.policies.checkpoint import SHIPPED_DIR, resolve_shipped
 
@@ -207,14 +207,14 @@ def attach(policy: nn.Module, adapter: SkillAdapter, name: str | None = None,
             raise ValueError(f"adapter {adapter.skill!r} was trained on base {trained[:16]}... "
                              f"but this policy is base {actual[:16]}...; load the base it was trained on "
                              f"(full fingerprints: adapter {adapter.base_fingerprint}, policy {actual})")
-    modules = dict(policy.named_modules())
+    shapes = target_shapes(policy)
     for layer, (a, b) in adapter.lora.items():
-        module = modules.get(layer)
-        base = getattr(module, "base_layer", module)
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"adapter {adapter.skill!r} targets {layer!r}, which is not an nn.Linear of this policy")
-        if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-            raise ValueError(f"adapter {adapter.skill!r}: {layer} expects ({base.out_features}, {base.in_features}) "
+        if layer not in shapes:
+            raise ValueError(f"adapter {adapter.skill!r} targets {layer!r}, which is not an nn.Linear or attention "
+                             "projection of this policy")
+        d_out, d_in = shapes[layer]
+        if a.shape[1] != d_in or b.shape[0] != d_out:
+            raise ValueError(f"adapter {adapter.skill!r}: {layer} expects ({d_out}, {d_in}) "
                              f"but lora_B @ lora_A is ({b.shape[0]}, {a.shape[1]}); wrong base architecture")
     d_model = getattr(getattr(policy, "config", None), "d_model", None)
     if adapter.skill_token is not None and d_model is not None and adapter.skill_token.shape != (d_model,):

@@ -143,7 +143,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          augment_shift=args.augment_shift, warmup_steps=min(200, args.steps // 10))
     bar = Progress(args.steps, "pretrain", not args.json)
     try:
-        metrics = pretrain(args.data, args.out, preset=args.preset, config=config, resume=args.resume,
+        metrics = pretrain(args.data, args.out, policy=args.policy, preset=args.preset, config=config,
+                           resume=args.resume,
                            on_step=bar.update_to, init_from=args.init,
                            task_weights=dict(args.task_weight) if args.task_weight else None)
     finally:
@@ -457,7 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: robolora pretrain --data data/reach data/push --out runs/base --resume")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="dataset folders of base tasks")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.jsonl, policy")
-    p.add_argument("--preset", default="base", help="policy size: tiny, base or large (default base)")
+    p.add_argument("--policy", default="visuomotor", choices=["visuomotor", "act"],
+                   help="policy architecture: visuomotor (encoder-only, the shipped base) or act (ACT-style "
+                        "encoder-decoder on nn.MultiheadAttention); default visuomotor")
+    p.add_argument("--preset", default="base", help="policy size: tiny, base or large (act: tiny or base); "
+                                                    "default base")
     _training_flags(p, steps=20_000, lr=5e-4, lr_help="5e-4", checkpoint_every=500)
     p.add_argument("--init", type=Path, default=None,
                    help="continue pretraining from this saved policy (same preset) instead of a fresh one")

@@ -1,4 +1,4 @@
-"""The deploy-side controller: runs an exported bundle with numpy + onnxruntime only, no torch (DESIGN.md §6).
+"""The deploy-side controller: runs an exported bundle with numpy + onnxruntime only, no torch (docs/design.md §6).
 
 ``load_bundle(dir)`` checks the bundle before anything runs: every file present, every checksum recorded in
 ``policy.json`` matching, the spec well formed and the ONNX graph's inputs and output agreeing with it.

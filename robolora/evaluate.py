@@ -1,4 +1,4 @@
-"""Rollout evaluation (DESIGN.md §5): success rate with a 95% Wilson interval, episode length, policy latency, video.
+"""Rollout evaluation (docs/design.md §5): success rate with a 95% Wilson interval, episode length, latency, video.
 
 Episodes are seeded ``seed, seed + 1, ...``; the default ``EVAL_SEED`` is far from the seeds demos are collected
 with (``robolora collect`` starts at 0), so evaluation is on held-out scenes. Parallel environments run in waves:

@@ -24,8 +24,8 @@ from robolora.config import LoRAConfig
 from robolora.data import BCDataset, load_manifest
 from robolora.envs import BASE_TASKS, TASKS
 from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
-from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy, save_policy
-from robolora.policies.checkpoint import SHIPPED_DIR
+from robolora.policies import base_fingerprint, load_policy, save_policy
+from robolora.policies.checkpoint import POLICY_KINDS, SHIPPED_DIR
 from robolora.stats import VALIDATION_SEED
 from robolora.train import TrainConfig, resolve_device, train
 
@@ -80,6 +80,7 @@ def pretrain(
     data_dirs: Sequence[str | Path],
     out_dir: str | Path,
     *,
+    policy: str = "visuomotor",
     preset: str = "base",
     config: TrainConfig = TrainConfig(),
     policy_overrides: dict[str, Any] | None = None,
@@ -91,6 +92,8 @@ def pretrain(
 ) -> dict[str, float]:
     """Multi-task BC of a fresh policy on base-task datasets; the policy is saved to ``out_dir/policy``.
 
+    ``policy`` is the architecture (``robolora.policies.checkpoint.POLICY_KINDS``: ``visuomotor`` or ``act``) and
+    ``preset`` its size.
     Each folder's task (from its manifest) must be a base task; its index in ``BASE_TASKS`` is the task id.
     ``init_from`` starts from the weights of a saved policy of the same architecture (continued pretraining, e.g.
     on more demos); the normalisation statistics are re-computed from ``data_dirs``. ``task_weights`` ({task: w})
@@ -103,8 +106,11 @@ def pretrain(
         raise ValueError(f"pretraining uses base tasks {list(BASE_TASKS)}; {unknown} are not (train skills with "
                          "`robolora train-skill`)")
     first = load_manifest(data_dirs[0])
-    policy_config = PolicyConfig.preset(preset, image_size=int(first["image_size"]),
-                                        cameras=tuple(first["cameras"]), **(policy_overrides or {}))
+    if policy not in POLICY_KINDS:
+        raise ValueError(f"policy={policy!r}: use one of {sorted(POLICY_KINDS)}")
+    config_cls, policy_cls = POLICY_KINDS[policy]
+    policy_config = config_cls.preset(preset, image_size=int(first["image_size"]),
+                                      cameras=tuple(first["cameras"]), **(policy_overrides or {}))
     task_ids = {t: BASE_TASKS.index(t) for t in tasks}
     dataset = BCDataset(list(data_dirs), chunk_size=policy_config.chunk_size, task_ids=task_ids)
     weights = balanced_weights(data_dirs, task_weights)
@@ -112,10 +118,10 @@ def pretrain(
         raise RuntimeError(f"manifests count {len(weights)} samples but the dataset has {len(dataset)}: "
                            "re-run `robolora collect` on the folders to repair their manifests")
     torch.manual_seed(config.seed)
-    policy = VisuomotorPolicy(policy_config)
+    kind, policy = policy, policy_cls(policy_config)
     if init_from is not None:
         start = load_policy(init_from)
-        if start.config != policy_config:
+        if type(start) is not policy_cls or start.config != policy_config:
             raise ValueError(f"init_from={str(init_from)!r} is a {start.config} policy but these data and "
                              f"preset={preset!r} build {policy_config}; continue from a policy of the same config")
         policy.load_state_dict(start.state_dict(), strict=True)
@@ -130,7 +136,7 @@ def pretrain(
                      for t in task_ids}
             return {**rates, "eval/mean_success": sum(rates.values()) / len(rates)}
 
-    logger.info("pretraining %s (%d params) on %s: %d samples", preset,
+    logger.info("pretraining %s %s (%d params) on %s: %d samples", kind, preset,
                 sum(p.numel() for p in policy.parameters()), tasks, len(dataset))
     metrics = train(policy, dataset, config, out_dir, sample_weights=weights, resume=resume,
                     eval_fn=eval_fn, on_step=on_step)
@@ -143,7 +149,7 @@ def pretrain(
     return metrics
 
 
-def _skill_token(policy: VisuomotorPolicy) -> torch.nn.Parameter:
+def _skill_token(policy: torch.nn.Module) -> torch.nn.Parameter:
     # Start the new skill's identity at the centre of the base tasks' embeddings: a fresh adapter then behaves like
     # an "average" base task instead of an arbitrary one.
     start = policy.task_embed.weight.detach().mean(0).clone()
@@ -240,7 +246,7 @@ def train_skill(
     manifest = load_manifest(data_dir)
     torch.manual_seed(config.seed)
     if method == "scratch":
-        policy = VisuomotorPolicy(policy.config)
+        policy = type(policy)(policy.config)
         policy.set_normalization(dataset.stats)
     policy.set_skill_token(_skill_token(policy))
     if method == "lora":

@@ -1,6 +1,6 @@
 """Multi-skill rollouts: chain skill adapters through the two-stage kitchen, switching between control ticks.
 
-DESIGN.md §1 ("base + adapters -> SkillManager -> control loop / rollouts (switch skills between ticks)") and §4,
+docs/design.md §1 ("base + adapters -> SkillManager -> control loop / rollouts (switch skills between ticks)") and §4,
 issue 6 (``robolora rollout --skills wipe,dish_rack``). Skill ``i`` drives stage ``i`` of ``robolora/Kitchen-v0``
 (skill order = stage order). The switch to the next skill happens between ticks, either when the env reports the
 current stage's success (``switch="success"``: the skill that acts at the tick after the success signal is the

@@ -1,4 +1,4 @@
-"""stable-baselines3 bridge (DESIGN.md §5, last bullet): a robolora skill policy inside SB3, for evaluation
+"""stable-baselines3 bridge (docs/design.md §5, last bullet): a robolora skill policy inside SB3, for evaluation
 (``SB3SkillPolicy``, seeded VecEnvs, :func:`evaluate_sb3`) and for PPO training (``ExecuteChunk``,
 ``SkillActorCritic``; the recipe and its design choices are in ``robolora.rl``).
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from robolora.adapters import (SkillAdapter, adapter_from_policy, attach, attach_for_eval, detach, from_peft,
                                load_adapter, save_adapter, to_peft)
 from robolora.config import LoRAConfig
-from robolora.demo import probe_batch
+from robolora.policy import probe_batch
 from robolora.inject import inject_lora, lora_layers, set_active_adapter
 from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint
 
@@ -37,7 +37,7 @@ def trained_adapter(seed: int = 1, rank: int = 4, targets=("attn.q", "attn.k", "
 
 def outputs(policy: VisuomotorPolicy) -> torch.Tensor:
     with torch.no_grad():
-        return policy.predict_chunk(probe_batch(policy.config, batch_size=3))
+        return policy.predict_chunk(probe_batch(policy, batch_size=3))
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):

@@ -51,7 +51,7 @@ def test_train_skill_targets_and_execution_reach_the_adapter(tmp_path, capsys):
     manager.load(tmp_path / "run" / "adapter")
     manager.activate("wipe")
     manager.apply_pending()
-    assert manager.policy.config.n_action_steps == 8
+    assert manager.execution.n_action_steps == 8
 
 
 def test_train_skill_temporal_ensemble_is_the_skills_execution(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_train_skill_temporal_ensemble_is_the_skills_execution(tmp_path, capsys)
     manager.load(tmp_path / "run" / "adapter")
     manager.activate("wipe")
     manager.apply_pending()
-    assert (manager.policy.config.n_action_steps, manager.policy.config.temporal_ensemble) == (1, 0.05)
+    assert (manager.execution.n_action_steps, manager.execution.temporal_ensemble) == (1, 0.05)
 
 
 @pytest.mark.parametrize("bad", ["push", "push=0", "push=-1", "push=nan", "=2"])
