@@ -8,14 +8,20 @@ or another base's fingerprint are each an error naming the problem; a refused at
 
 PEFT layout (peft >= 0.13): ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight`` /
 ``.lora_B.weight`` and ``adapter_config.json`` (``LoraConfig`` fields). PEFT has no place for a skill token, so it
-travels beside them as ``robolora_skill.safetensors`` + ``robolora_skill.json``; PEFT ignores both.
+travels beside them as ``robolora_skill.safetensors`` + ``robolora_skill.json``; PEFT ignores both. PEFT adapts an
+``nn.MultiheadAttention`` at P as one module (``P.lora_A/B`` for the packed in_proj, ``P.base_layer.out_proj.lora_A/B``
+with the same rank): :func:`to_peft` packs robolora's ``P.q``/``P.k``/``P.v``/``P.out_proj`` into it and
+:func:`from_peft` splits it back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +35,7 @@ from torch import nn
 from robolora.atomic import atomic_dir
 from robolora.config import LoRAConfig
 from robolora.inject import inject_lora, lora_layers, remove_adapter, target_shapes
+from robolora.lora_mha import PROJECTIONS, LoRAMultiheadAttention
 from robolora.policies import base_fingerprint
 from robolora.policies.checkpoint import SHIPPED_DIR, resolve_shipped
 
@@ -289,63 +296,291 @@ def attach_for_eval(policy: nn.Module, path: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ PEFT
-def to_peft(adapter: SkillAdapter, path: str | Path) -> Path:
-    """Write the adapter in PEFT's layout (loadable with ``PeftModel.from_pretrained`` on the policy module)."""
-    tensors = {}
-    for layer, (a, b) in adapter.lora.items():
-        tensors[f"{PEFT_PREFIX}{layer}.lora_A.weight"] = a.detach().float().contiguous()
-        tensors[f"{PEFT_PREFIX}{layer}.lora_B.weight"] = b.detach().float().contiguous()
+SIDE_WEIGHTS, SIDE_META = "robolora_skill.safetensors", "robolora_skill.json"
+PEFT_OUT_PROJ = ".base_layer.out_proj"  # PEFT's module for the out_proj of an nn.MultiheadAttention it wraps
+QKV = ("q", "k", "v")
+Delta = tuple[torch.Tensor, torch.Tensor, float]  # (A, B, scaling): the layer's delta is scaling * B @ A
+
+
+def to_peft(adapter: SkillAdapter, path: str | Path, policy: nn.Module | None = None) -> Path:
+    """Write the adapter in PEFT's layout (loadable with ``PeftModel.from_pretrained`` on the policy module).
+
+    ``nn.Linear`` layers keep their A and B. PEFT adapts an ``nn.MultiheadAttention`` at path P as one module: one
+    A (r', E) and B (3E, r') for the packed ``in_proj_weight`` and a LoRA of the same rank r' on ``out_proj``. So
+    robolora's ``P.q``/``P.k``/``P.v`` become in_proj A = their A stacked and B block-diagonal (each B in its
+    projection's rows and its own columns), ``P.out_proj`` is padded with zeros to r', and r' with an alpha that
+    keeps the adapter's scaling go to ``rank_pattern``/``alpha_pattern`` under the anchored key ``^P``. The blocks'
+    columns are recorded in ``robolora_skill.json`` so :func:`from_peft` splits them back exactly. peft <= 0.21.2
+    applies an attention out_proj's delta twice (:func:`peft_out_proj_applications`), so out_proj's B is written
+    divided by the count the installed peft measures (recorded beside it) and that peft reproduces our outputs.
+
+    A name alone cannot tell an attention projection from an ``nn.Linear`` called ``q`` or ``out_proj``: pass the
+    ``policy`` (plain or with LoRA attached) when the adapter targets ``nn.MultiheadAttention``; without it every
+    layer is written as an ``nn.Linear``. Raises ValueError, writing nothing, for attention PEFT cannot hold
+    (kdim or vdim different from embed_dim).
+    """
     c = adapter.config
+    attention = _attention_modules(adapter, policy)
+    projections = {f"{name}.{p}" for name in attention for p in PROJECTIONS}
+    pairs = {layer: ab for layer, ab in adapter.lora.items() if layer not in projections}
+    rank_pattern, alpha_pattern, columns = {}, {}, {}
+    out_projs = [f"{name}.out_proj" for name in attention if f"{name}.out_proj" in adapter.lora]
+    applications = peft_out_proj_applications() if out_projs else 1
+    for name, mha in attention.items():
+        rank, alpha, modules, columns[name] = _peft_attention(adapter, name, mha.embed_dim, applications)
+        rank_pattern["^" + re.escape(name)], alpha_pattern["^" + re.escape(name)] = rank, alpha
+        pairs.update(modules)
+    tensors = {}
+    for module, (a, b) in pairs.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.detach().float().contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.detach().float().contiguous()
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "r": c.rank,
         "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.rslora, "bias": "none",
-        "target_modules": sorted(adapter.lora), "init_lora_weights": "gaussian" if c.init_std is None else True,
-        "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True, "use_dora": False,
-        "revision": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
-        "alpha_pattern": {},
+        "target_modules": sorted(set(adapter.lora) - projections | set(attention)),
+        "init_lora_weights": "gaussian" if c.init_std is None else True, "fan_in_fan_out": False,
+        "modules_to_save": None, "inference_mode": True, "use_dora": False, "revision": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
     }
+    side = {"skill": adapter.skill, "base_fingerprint": adapter.base_fingerprint, "init_std": c.init_std}
+    if columns:
+        side["attention_columns"], side["peft_out_proj_applications"] = columns, applications
+    if applications != 1:
+        logger.warning("the installed peft applies an nn.MultiheadAttention's out_proj LoRA %d times "
+                       "(huggingface/peft#3774): out_proj B is written divided by %d so it reproduces robolora's "
+                       "outputs; a peft without that bug applies only 1/%d of the out_proj delta from this folder",
+                       applications, applications, applications)
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS))
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=1))
         if adapter.skill_token is not None:
-            token = adapter.skill_token.detach().float().contiguous()
-            save_file({SKILL_TOKEN: token}, str(tmp / "robolora_skill.safetensors"))
-        (tmp / "robolora_skill.json").write_text(json.dumps({"skill": adapter.skill, "base_fingerprint":
-                                                            adapter.base_fingerprint, "init_std": c.init_std}, indent=1))
+            save_file({SKILL_TOKEN: adapter.skill_token.detach().float().contiguous()}, str(tmp / SIDE_WEIGHTS))
+        (tmp / SIDE_META).write_text(json.dumps(side, indent=1))
     return Path(path)
 
 
+def _attention_modules(adapter: SkillAdapter, policy: nn.Module | None) -> dict[str, nn.MultiheadAttention]:
+    """The ``nn.MultiheadAttention`` modules of ``policy`` (by path) whose projections the adapter targets; refuses
+    those PEFT cannot hold."""
+    if policy is None:
+        return {}
+    modules = dict(policy.named_modules())
+    found = {}
+    for layer in adapter.lora:
+        name, _, projection = layer.rpartition(".")
+        module = modules.get(name)
+        module = module.base_layer if isinstance(module, LoRAMultiheadAttention) else module
+        if projection in PROJECTIONS and isinstance(module, nn.MultiheadAttention):
+            found[name] = module
+    for name, mha in found.items():
+        if not mha._qkv_same_embed_dim:
+            raise ValueError(
+                f"adapter {adapter.skill!r} targets the nn.MultiheadAttention {name!r}, whose kdim={mha.kdim} and "
+                f"vdim={mha.vdim} differ from embed_dim={mha.embed_dim}: PEFT's LoRA for attention holds only a "
+                "packed in_proj_weight (kdim == vdim == embed_dim), so it cannot hold this adapter; keep it in "
+                "robolora's layout (save_adapter), or drop that module's projections from the adapter's targets")
+    return found
+
+
+def _peft_attention(adapter: SkillAdapter, name: str, embed_dim: int, out_proj_applications: int) -> tuple[
+        int, float, dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[int]]]:
+    """PEFT's LoRA for the attention module ``name``: its rank r', alpha', (A, B) of its in_proj and out_proj by PEFT
+    module name, and the columns [lo, hi) of r' each of the adapter's projections occupies. out_proj's B is divided
+    by the number of times PEFT applies it."""
+    c, e = adapter.config, embed_dim
+    targeted = [p for p in QKV if f"{name}.{p}" in adapter.lora]
+    rank = max(len(targeted), 1) * c.rank
+    alpha = c.scaling * (math.sqrt(rank) if c.rslora else rank)
+    fold = c.scaling / _scaling(alpha, rank, c.rslora)  # 1.0 unless alpha' / r' rounds away from the scaling
+    in_proj = torch.zeros(rank, e), torch.zeros(3 * e, rank)  # (A (r', E), B (3E, r'))
+    out_proj = torch.zeros(rank, e), torch.zeros(e, rank)
+    columns = {}
+    for p in PROJECTIONS:
+        if f"{name}.{p}" not in adapter.lora:
+            continue
+        a, b = adapter.lora[f"{name}.{p}"]
+        if a.shape != (c.rank, e) or b.shape != (e, c.rank):
+            raise ValueError(f"adapter {adapter.skill!r}: {name}.{p} has lora_A {tuple(a.shape)} and lora_B "
+                             f"{tuple(b.shape)}, but that attention module has embed_dim {e} (expected ({c.rank}, "
+                             f"{e}) and ({e}, {c.rank})); wrong base architecture")
+        (dest_a, dest_b), row, lo = (out_proj, 0, 0) if p == "out_proj" else \
+            (in_proj, QKV.index(p) * e, targeted.index(p) * c.rank)
+        dest_a[lo:lo + c.rank] = a.detach()
+        dest_b[row:row + e, lo:lo + c.rank] = b.detach() * (fold / out_proj_applications if p == "out_proj" else fold)
+        columns[p] = [lo, lo + c.rank]
+    return rank, alpha, {name: in_proj, name + PEFT_OUT_PROJ: out_proj}, columns
+
+
+@functools.cache
+def peft_out_proj_applications() -> int:
+    """How many times the installed peft adds the LoRA delta of an ``nn.MultiheadAttention``'s out_proj: 2 while its
+    ``MultiheadAttention.merge`` (used by every forward) adds it twice (peft <= 0.21.2 at least, huggingface/peft#3774),
+    1 once fixed or when peft is not installed. Measured on a tiny module, leaving the global RNG as it was."""
+    try:
+        import peft
+    except ImportError:
+        return 1
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        probe = nn.Module()
+        probe.attn = nn.MultiheadAttention(2, 1)
+        w0 = probe.attn.out_proj.weight.clone()
+        model = peft.get_peft_model(probe, peft.LoraConfig(r=1, lora_alpha=1, target_modules=["attn"]))
+        out_proj = model.base_model.model.attn.base_layer.out_proj
+        out_proj.lora_A["default"].weight.fill_(1.0)
+        out_proj.lora_B["default"].weight.fill_(1.0)
+        delta = out_proj.get_delta_weight("default").flatten()  # (4,), all 1
+        applied = (model.merge_and_unload().attn.out_proj.weight - w0).flatten()
+        return round(float(applied @ delta / (delta @ delta)))
+
+
+def _scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """A LoRA module's scaling, computed as PEFT and LoRAConfig do."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 def from_peft(path: str | Path, skill: str | None = None) -> SkillAdapter:
-    """Read a PEFT LoRA adapter folder (and robolora's skill-token side files when present)."""
+    """Read a PEFT LoRA adapter folder (and robolora's skill-token side files when present).
+
+    PEFT's LoRA on an ``nn.MultiheadAttention`` at P (modules ``P`` and ``P.base_layer.out_proj``) becomes
+    robolora's ``P.q``, ``P.k``, ``P.v`` and ``P.out_proj``: split back into :func:`to_peft`'s blocks when
+    ``robolora_skill.json`` records them and B is zero outside them; otherwise every projection gets the whole rank
+    r' (A_p = A, B_p = B's rows of p: the same delta). Per-module ranks and alphas (``rank_pattern``,
+    ``alpha_pattern``) become one robolora config: A and B are padded with zeros to the largest rank, and a module
+    scaling that differs from the config's is multiplied into its B. An out_proj delta counts as many times as the
+    peft that wrote the folder applies it (see :func:`peft_out_proj_applications`): as recorded by to_peft, else as
+    the installed peft does.
+    """
     path = Path(path)
     cfg = _read_json(path / PEFT_CONFIG)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path / PEFT_CONFIG}: peft_type {cfg.get('peft_type')!r}; only LORA adapters convert")
-    unsupported = {k: cfg[k] for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)}
-    if unsupported or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
-        raise ValueError(f"{path}: PEFT options {unsupported or 'dora/bias'} have no robolora equivalent")
-    tensors = {}
-    for key, value in _read_tensors(path / PEFT_WEIGHTS).items():
-        if not key.startswith(PEFT_PREFIX) or not key.endswith(".weight"):
-            raise ValueError(f"{path / PEFT_WEIGHTS}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<layer>."
-                             "lora_A.weight / lora_B.weight)")
-        tensors[key[len(PEFT_PREFIX):-len(".weight")]] = value
-    layers = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    side_file = path / "robolora_skill.json"
+    if cfg.get("use_dora") or cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: PEFT options dora/bias have no robolora equivalent")
+    pairs = _peft_pairs(path / PEFT_WEIGHTS)
+    side_file = path / SIDE_META
     side = _read_json(side_file) if side_file.exists() else {}
     fingerprint = _fingerprint(side.get("base_fingerprint"), side_file)
     try:
-        config = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=tuple(layers),
-                            dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False)),
-                            init_std=side.get("init_std"))
-    except (KeyError, TypeError, ValueError) as e:
+        peft = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=tuple(sorted(pairs)),
+                          dropout=float(cfg.get("lora_dropout", 0.0)), rslora=bool(cfg.get("use_rslora", False)),
+                          init_std=side.get("init_std"))
+        patterns = {k: [(re.compile(rf"(.*\.)?({key})$"), kind(value)) for key, value in (cfg.get(k) or {}).items()]
+                    for k, kind in (("rank_pattern", int), ("alpha_pattern", float))}
+    except (KeyError, TypeError, ValueError, AttributeError, re.error) as e:
         raise ValueError(f"{path / PEFT_CONFIG} lacks or has an invalid field ({e}); the adapter file is "
                          "corrupt") from e
-    lora = _pair_tensors(tensors, layers, config.rank, path / PEFT_WEIGHTS)
+    applications = side.get("peft_out_proj_applications")
+    if applications is not None and applications not in (1, 2):
+        raise ValueError(f"{side_file}: peft_out_proj_applications must be 1 or 2, got {applications!r}; the file is "
+                         "corrupt or hand-edited")
+    if applications is None and any(m + PEFT_OUT_PROJ in pairs for m in pairs):
+        applications = peft_out_proj_applications()  # a folder PEFT wrote: convert what the installed peft runs
+    deltas: dict[str, Delta] = {}
+    for module, (a, b) in pairs.items():
+        if module.endswith(PEFT_OUT_PROJ) and module[:-len(PEFT_OUT_PROJ)] in pairs:
+            continue  # split with its attention module below
+        rank = next((v for p, v in patterns["rank_pattern"] if p.match(module)), peft.rank)
+        alpha = next((v for p, v in patterns["alpha_pattern"] if p.match(module)), peft.alpha)
+        if a.shape[0] != rank:
+            raise ValueError(f"{path / PEFT_WEIGHTS}: {module} has rank {a.shape[0]} but {PEFT_CONFIG} gives it rank "
+                             f"{rank}; the files do not belong together")
+        scaling = _scaling(alpha, rank, peft.rslora)
+        out_proj = pairs.get(module + PEFT_OUT_PROJ)
+        if out_proj is None:
+            deltas[module] = (a, b, scaling)
+        else:
+            columns = (side.get("attention_columns") or {}).get(module)
+            deltas.update(_split_attention(module, (a, b), out_proj, (scaling, scaling * applications), columns,
+                                           path / PEFT_WEIGHTS))
+            if peft.dropout > 0:
+                logger.warning("%s: LoRA dropout %.3g dropped; robolora applies none to attention projections",
+                               path, peft.dropout)
+                peft = dataclasses.replace(peft, dropout=0.0)
+    config, lora = _one_config(peft, deltas)
     token = None
-    if (path / "robolora_skill.safetensors").exists():
-        token = _read_tensors(path / "robolora_skill.safetensors").get(SKILL_TOKEN)
+    if (path / SIDE_WEIGHTS).exists():
+        token = _read_tensors(path / SIDE_WEIGHTS).get(SKILL_TOKEN)
     adapter = SkillAdapter(skill or side.get("skill") or path.name, config, lora, token, fingerprint,
                            {"source": "peft"})
     _check_finite(adapter, path)
     return adapter
+
+
+def _peft_pairs(where: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(lora_A, lora_B) of every PEFT module in ``adapter_model.safetensors``, by module name."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in _read_tensors(where).items():
+        module, _, kind = key[len(PEFT_PREFIX):-len(".weight")].rpartition(".lora_")
+        if not key.startswith(PEFT_PREFIX) or not key.endswith(".weight") or not module or kind not in ("A", "B"):
+            raise ValueError(f"{where}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<layer>.lora_A.weight / "
+                             "lora_B.weight)")
+        halves.setdefault(module, {})[kind] = value
+    if not halves:
+        raise ValueError(f"{where} holds no LoRA tensors; re-export the adapter")
+    pairs = {}
+    for module, half in halves.items():
+        if set(half) != {"A", "B"}:
+            raise ValueError(f"{where}: {module} has lora_{''.join(half)} but not its partner; the file is corrupt")
+        a, b = half["A"], half["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected "
+                             "(r, d_in) and (d_out, r)")
+        pairs[module] = (a, b)
+    return pairs
+
+
+def _split_attention(name: str, in_proj: tuple[torch.Tensor, torch.Tensor],
+                     out_proj: tuple[torch.Tensor, torch.Tensor], scalings: tuple[float, float], columns: Any,
+                     where: Path) -> dict[str, Delta]:
+    """robolora's P.q/P.k/P.v/P.out_proj from PEFT's LoRA on the attention module P (in_proj and out_proj, with
+    their effective scalings)."""
+    (a_in, b_in), (a_out, b_out) = in_proj, out_proj
+    rank, e = a_in.shape
+    if b_in.shape != (3 * e, rank) or a_out.shape != (rank, e) or b_out.shape != (e, rank):
+        raise ValueError(f"{where}: {name} is not PEFT's LoRA on an nn.MultiheadAttention with a packed in_proj "
+                         f"(in_proj A {tuple(a_in.shape)}, B {tuple(b_in.shape)}; out_proj A {tuple(a_out.shape)}, "
+                         f"B {tuple(b_out.shape)})")
+    whole = {p: (a_in, b_in[i * e:(i + 1) * e]) for i, p in enumerate(QKV)}  # rows of p: B_p (E, r')
+    whole["out_proj"] = (a_out, b_out)
+    blocks = _column_blocks(whole, columns)
+    if blocks is None:
+        logger.info("%s: PEFT attention LoRA of rank %d converted whole to each of q, k, v, out_proj", name, rank)
+        blocks = whole
+    return {f"{name}.{p}": (a, b, scalings[p == "out_proj"]) for p, (a, b) in blocks.items()}
+
+
+def _column_blocks(whole: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   columns: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each projection's own columns [lo, hi) as recorded by to_peft (absent: none), or None when the record is
+    missing or malformed, or some B is non-zero outside its columns (the delta would change)."""
+    if not isinstance(columns, Mapping) or not set(columns) <= set(PROJECTIONS):
+        return None
+    blocks = {}
+    for p, (a, b) in whole.items():
+        span = columns.get(p, [0, 0])
+        if not (isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span)
+                and 0 <= span[0] <= span[1] <= a.shape[0]):
+            return None
+        lo, hi = span
+        if b[:, :lo].any() or b[:, hi:].any():
+            return None
+        if hi > lo:
+            blocks[p] = (a[lo:hi], b[:, lo:hi])
+    return blocks
+
+
+def _one_config(peft: LoRAConfig,
+                deltas: dict[str, Delta]) -> tuple[LoRAConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """One robolora config for layers of different ranks and scalings: A and B padded with zeros to the largest
+    rank, and each layer's scaling relative to the config's multiplied into its B (no change when they agree)."""
+    rank = max(a.shape[0] for a, _, _ in deltas.values())
+    alpha = peft.alpha if rank == peft.rank else peft.scaling * (math.sqrt(rank) if peft.rslora else rank)
+    config = dataclasses.replace(peft, rank=rank, alpha=alpha, targets=tuple(sorted(deltas)))
+    lora = {}
+    for layer, (a, b, scaling) in deltas.items():
+        fold = scaling / config.scaling
+        pad = rank - a.shape[0]
+        b = b if fold == 1.0 else b * fold
+        lora[layer] = (nn.functional.pad(a, (0, 0, 0, pad)), nn.functional.pad(b, (0, pad)))
+    return config, lora
