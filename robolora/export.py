@@ -31,6 +31,7 @@ ONNX uses torch's TorchScript exporter (``dynamo=False``): the dynamo exporter n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -38,6 +39,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -180,7 +182,7 @@ def _write_programs(module: ExportModule, policy: nn.Module, out: Path) -> None:
     probe = probe_inputs(policy, PROBE_BATCHES[-1])
     args = tuple(probe[k] for k in module.input_names)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _attention_fast_path(False):
         # the TorchScript exporter is deprecated in favour of dynamo (needs onnxscript); predict_chunk's checks on
         # the static image shape trigger TracerWarnings that are true by construction
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -190,6 +192,18 @@ def _write_programs(module: ExportModule, policy: nn.Module, out: Path) -> None:
                           dynamic_axes={n: {0: "batch"} for n in (*module.input_names, OUTPUT_NAME)})
         program = torch.export.export(module, args, dynamic_shapes=(tuple({0: batch} for _ in args),))
     torch.export.save(program, str(out / PT2_FILE))
+
+
+@contextlib.contextmanager
+def _attention_fast_path(enabled: bool) -> Iterator[None]:
+    """nn.MultiheadAttention's fused eval path (``aten::_native_multi_head_attention``) has no ONNX op: programs are
+    traced through its plain-op path, which computes the same attention (parity checks it against the fused one)."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def _parity(module: ExportModule, unmerged: nn.Module | None, bundle: Path, tolerance: float) -> dict:
