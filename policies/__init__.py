@@ -1,4 +1,4 @@
-"""Visuomotor transformer policy and shipped checkpoints (installed as ``robolora.policies``; DESIGN.md §3)."""
+"""Visuomotor transformer policy and shipped checkpoints (installed as ``robolora.policies``; docs/design.md §3)."""
 
 from .act import ACTConfig, ACTPolicy
 from .checkpoint import base_fingerprint, load_policy, read_policy_header, save_policy

@@ -1,5 +1,5 @@
 """Policy checkpoints as a folder of ``model.safetensors`` + ``config.json``, and the base-weight fingerprint
-(DESIGN.md §3 "normalisation statistics travel inside the checkpoint", §4 "base fingerprint").
+(docs/design.md §3 "normalisation statistics travel inside the checkpoint", §4 "base fingerprint").
 
 Weights are only ever read with safetensors (never unpickled). A checkpoint folder is written into a temporary
 sibling folder and moved into place, so a crash never leaves a half-written checkpoint under the final name.
@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from robolora.atomic import replace_dir
 
+from .act import ACTConfig, ACTPolicy
 from .config import PolicyConfig
 from .transformer import VisuomotorPolicy
 
@@ -33,6 +34,21 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SKILL_TOKEN = "skill_token"
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"  # inside the installed robolora.policies package
+# config.json's "policy": kind -> (config class, policy class). A checkpoint without the key predates it: visuomotor.
+POLICY_KINDS: dict[str, tuple[type[PolicyConfig | ACTConfig], type[VisuomotorPolicy | ACTPolicy]]] = {
+    "visuomotor": (PolicyConfig, VisuomotorPolicy),
+    "act": (ACTConfig, ACTPolicy),
+}
+DEFAULT_KIND = "visuomotor"
+
+
+def policy_kind(policy: nn.Module) -> str:
+    """The ``POLICY_KINDS`` name of a policy's class, recorded as ``"policy"`` in config.json."""
+    for kind, (_, cls) in POLICY_KINDS.items():
+        if type(policy) is cls:
+            return kind
+    raise TypeError(f"save_policy saves {[cls.__name__ for _, cls in POLICY_KINDS.values()]}, got "
+                    f"{type(policy).__name__}; add the class to policies.checkpoint.POLICY_KINDS")
 
 
 def _is_lora_name(name: str) -> bool:
@@ -82,8 +98,10 @@ def resolve_policy(path: str | os.PathLike[str]) -> Path:
                            f"expected a folder with {WEIGHTS_FILE} and {CONFIG_FILE} written by save_policy")
 
 
-def save_policy(policy: VisuomotorPolicy, path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``path/model.safetensors`` and ``path/config.json`` (config, format version, fingerprint, metadata).
+def save_policy(policy: VisuomotorPolicy | ACTPolicy, path: str | os.PathLike[str],
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` (policy kind, config, format version, fingerprint,
+    metadata).
 
     ``metadata`` must be JSON-serialisable (training data, metrics, git commit...). An existing checkpoint folder
     at ``path`` is replaced; any other existing file or folder there is an error. A LoRA-wrapped policy is
@@ -105,6 +123,7 @@ def save_policy(policy: VisuomotorPolicy, path: str | os.PathLike[str], metadata
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "policy": policy_kind(policy),
         "config": policy.config.to_dict(),
         "base_fingerprint": base_fingerprint(policy),
         "metadata": metadata or {},
@@ -146,15 +165,21 @@ def read_policy_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     return header
 
 
-def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> VisuomotorPolicy:
+def load_policy(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> VisuomotorPolicy | ACTPolicy:
     """Rebuild a policy saved by ``save_policy``, strictly: every tensor must be present with its exact shape.
+    The class is config.json's ``"policy"`` kind (``POLICY_KINDS``; absent in older checkpoints: visuomotor).
     ``path`` is a checkpoint folder or the name of a shipped one: ``load_policy("base")`` works from any folder."""
     path = resolve_policy(path)
     header = read_policy_header(path)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} is missing; {path} is not a complete policy checkpoint")
-    policy = VisuomotorPolicy(PolicyConfig.from_dict(header["config"]))
+    kind = header.get("policy", DEFAULT_KIND)
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"{path / CONFIG_FILE} names policy kind {kind!r}; this robolora builds "
+                         f"{sorted(POLICY_KINDS)}: load it with the robolora version that saved it")
+    config_cls, policy_cls = POLICY_KINDS[kind]
+    policy = policy_cls(config_cls.from_dict(header["config"]))
     state = load_file(str(weights_file))
     if SKILL_TOKEN in state:
         policy.set_skill_token(nn.Parameter(torch.zeros_like(state[SKILL_TOKEN], dtype=torch.float32)))

@@ -107,3 +107,27 @@ def test_eval_export_and_the_torch_free_controller_run_the_act_skill(trained, ca
         assert np.abs(controller.select_action(obs) - action).max() <= 2 * PARITY_TOLERANCE
         obs = env.step(action)[0]
     env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_act_base_is_bit_identical_after_100k_random_switches(trained, mode):
+    base, adapter_dir, _ = trained
+    policy = load_policy(base).eval().requires_grad_(False)
+    weights = {k: v.clone() for k, v in policy.state_dict().items()}
+    adapter = load_adapter(adapter_dir)
+    mgr = SkillManager(policy, mode)
+    for i in range(3):
+        mgr.attach(f"s{i}", adapter)
+    batch = probe_batch(policy, 1)
+    rng = random.Random(mode)
+    choices = [None, "s0", "s1", "s2", {"s0": 0.5, "s2": 0.5}]
+    for i in range(100_000):
+        choice = rng.choice(choices)
+        mgr.blend(choice) if isinstance(choice, dict) else mgr.activate(choice)
+        if i % 5_000 == 0:
+            mgr.predict_chunk(batch)
+        else:
+            mgr.apply_pending()
+    mgr.close()
+    assert all(torch.equal(v, weights[k]) for k, v in policy.state_dict().items())
