@@ -241,6 +241,11 @@ class ACTPolicy(ChunkedActing, nn.Module):
     ``action_is_pad`` bool (B, K).
     """
 
+    # train-skill's default LoRA targets: every attention projection (robolora.lora_mha); --mlp adds linear1/2
+    lora_targets: tuple[str, ...] = tuple(f"{attn}.{p}" for attn in ("self_attn", "cross_attn")
+                                          for p in ("q", "k", "v", "out_proj"))
+    lora_mlp_targets: tuple[str, ...] = ("linear1", "linear2")
+
     def __init__(self, config: ACTConfig) -> None:
         super().__init__()
         self.config = config

@@ -42,6 +42,14 @@ POLICY_KINDS: dict[str, tuple[type[PolicyConfig | ACTConfig], type[VisuomotorPol
 DEFAULT_KIND = "visuomotor"
 
 
+def policy_class(path: str | os.PathLike[str]) -> type[VisuomotorPolicy | ACTPolicy]:
+    """The class a checkpoint folder (or shipped name) loads as, from its ``config.json`` alone."""
+    kind = read_policy_header(path).get("policy", DEFAULT_KIND)
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"{path}: unknown policy kind {kind!r}; known: {sorted(POLICY_KINDS)}")
+    return POLICY_KINDS[kind][1]
+
+
 def policy_kind(policy: nn.Module) -> str:
     """The ``POLICY_KINDS`` name of a policy's class, recorded as ``"policy"`` in config.json."""
     for kind, (_, cls) in POLICY_KINDS.items():

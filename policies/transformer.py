@@ -113,6 +113,9 @@ class VisuomotorPolicy(ChunkedActing, nn.Module):
     ``action_is_pad`` bool (B, K).
     """
 
+    lora_targets: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.o")  # train-skill's default
+    lora_mlp_targets: tuple[str, ...] = ("mlp.fc1", "mlp.fc2")  # added by train-skill --mlp
+
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
         self.config = config

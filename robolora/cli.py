@@ -173,10 +173,13 @@ def skill_execution(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def cmd_train_skill(args: argparse.Namespace) -> int:
     from robolora.config import LoRAConfig
+    from robolora.policies.checkpoint import policy_class
     from robolora.recipes import train_skill
     from robolora.train import TrainConfig
 
-    targets = ("attn.q", "attn.k", "attn.v", "attn.o") + (("mlp.fc1", "mlp.fc2") if args.mlp else ())
+    base = resolve_run(args.base, "policy", "config.json")
+    policy_cls = policy_class(base)  # its default targets: attention projections (+ MLP with --mlp)
+    targets = policy_cls.lora_targets + (policy_cls.lora_mlp_targets if args.mlp else ())
     if args.targets:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank, targets=targets)
@@ -187,7 +190,7 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
                          eval_every=args.select_every if args.select_episodes else 0)
     bar = Progress(args.steps, f"train-skill {args.method}", not args.json)
     try:
-        info = train_skill(resolve_run(args.base, "policy", "config.json"), args.data, args.out, method=args.method,
+        info = train_skill(base, args.data, args.out, method=args.method,
                            lora=lora, config=config, demos=args.demos, resume=args.resume,
                            eval_episodes=args.eval_episodes, on_step=bar.update_to,
                            select_episodes=args.select_episodes,
@@ -487,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=4,
                    help="LoRA rank (default 4: 1.6%% of the base's parameters on q/k/v/o)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--mlp", action="store_true", help="also adapt the MLP (fc1, fc2), not only attention q/k/v/o")
+    p.add_argument("--mlp", action="store_true", help="also adapt the MLP (visuomotor: mlp.fc1/fc2; act: linear1/2), "
+                                                      "not only the attention projections")
     p.add_argument("--targets", default=None,
                    help="comma-separated Linear name patterns to adapt, overriding the default and --mlp "
                         "(e.g. attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head)")
