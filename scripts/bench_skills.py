@@ -1,22 +1,32 @@
-"""Skill switching benchmark (issue 6; docs/design.md §4): SkillManager's modes against PEFT on the visuomotor policy.
+"""Skill switching benchmark (issue 6; docs/design.md §4): SkillManager's modes against PEFT on both policies.
 
-One run, side by side, on the shipped base config and a larger one (12 layers, d=512), batch 1, LoRA r=8 on
-attn.q/k/v/o, every adapter with a skill token (PEFT has none: its switches move the LoRA weights only):
+One run, side by side, batch 1, LoRA r=8 (``--rank``), every adapter with a skill token (PEFT has none: its
+switches move the LoRA weights only), on
+- the visuomotor policy, shipped base config and a larger one (12 layers, d=512): 4 skills on attn.q/k/v/o;
+- the ACT-style policy (``--act-preset``, base by default): 16 skills (``--act-skills``) on q/k/v/out_proj of every
+  nn.MultiheadAttention (self_attn, cross_attn) and on the feed-forward linear1/linear2. PEFT's LoRA on an
+  nn.MultiheadAttention is one adapter on the packed in_proj_weight and one on out_proj, of one rank, so the same
+  adapters reach PEFT packed (``to_peft_packed``): q/k/v as one block-diagonal rank-3r adapter, out_proj padded
+  with zeros to rank 3r, alpha scaled to keep the LoRA scale. Same function; the parity line checks it.
+Measured:
 - step latency p50/p99 of ``predict_chunk`` under no_grad: plain base, bank, inplace (also with
   ``cache_merged``), unmerged, PEFT unmerged, PEFT merged. Variants are timed in interleaved rounds (rotating
   order) so machine noise hits them alike; the ratio to the plain base is given from wall-clock p50 and from
   per-thread CPU-time p50 (immune to preemption by other processes; on a shared machine report both);
-- switch latency p50/p99/max (wall) and CPU-time p99, cycling 4 skills, each switch timed right after an untimed
-  step of the model it switches, as in a control loop (caches as a step leaves them): ours is ``activate`` +
-  ``apply_pending`` (all the work of a switch, wherever it runs); PEFT ``set_adapter``, ``unmerge_adapter`` +
-  ``set_adapter`` + ``merge_adapter``, ``hotswap_adapter`` (from the adapter folder, as documented) and
-  ``hotswap_adapter_from_state_dict`` (preloaded);
+- switch latency p50/p99/max (wall) and CPU-time p99, cycling the attached skills, each switch timed right after
+  an untimed step of the model it switches, as in a control loop (caches as a step leaves them): ours is
+  ``activate`` + ``apply_pending`` (all the work of a switch, wherever it runs); PEFT ``set_adapter``,
+  ``unmerge_adapter`` + ``set_adapter`` + ``merge_adapter``, ``hotswap_adapter`` (from the adapter folder, as
+  documented) and ``hotswap_adapter_from_state_dict`` (preloaded);
 - memory per attached skill (tensor bytes the skill adds);
-- recompiles under ``torch.compile`` while cycling 16 skills twice (base config; dynamo with a counting backend,
-  so no C++ compiler is needed; guards, and therefore recompiles, are decided by dynamo, not by the backend).
+- recompiles under ``torch.compile`` while cycling 16 skills (``--compile-skills``) twice, on every config but
+  12x512 (dynamo with a counting backend, so no C++ compiler is needed; guards, and therefore recompiles, are
+  decided by dynamo, not by the backend).
 
 Usage:
-    python scripts/bench_skills.py                            # base + 12x512, ~3 min on 2 shared cores
+    python scripts/bench_skills.py                            # base + 12x512 + act, ~5 min on 2 busy cores
+    python scripts/bench_skills.py --configs act --step-rounds 100           # ACT only, ~2.5 min
+    python scripts/bench_skills.py --configs act --act-preset tiny --act-skills 2 --step-rounds 3 --no-compile
     python scripts/bench_skills.py --configs base --step-rounds 600
     python scripts/bench_skills.py --threads 2 --device cuda
 """
@@ -25,42 +35,121 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
+import json
 import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from robolora.adapters import SkillAdapter, to_peft
+from robolora.adapters import PEFT_CONFIG, SkillAdapter, to_peft
 from robolora.config import ATTENTION_TARGETS, LoRAConfig
+from robolora.inject import target_matches, target_shapes
+from robolora.lora_mha import PROJECTIONS
+from robolora.policies import ACTConfig, ACTPolicy, PolicyConfig, VisuomotorPolicy, base_fingerprint
 from robolora.policy import probe_batch
-from robolora.inject import target_matches
-from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint
 from robolora.skills import MODES, SkillManager
 
-CONFIGS = {"base": {}, "12x512": dict(d_model=512, n_layers=12, n_heads=8)}
+ACT_TARGETS = (*(f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in PROJECTIONS), "linear1", "linear2")
+CONFIGS = ("base", "12x512", "act")  # the keys of setups()
 MB = 1 << 20
 
 
-def make_adapters(policy: VisuomotorPolicy, count: int, rank: int, seed: int) -> list[SkillAdapter]:
+@dataclass(frozen=True)
+class Setup:
+    """One benchmarked policy: its row label, how to build it, its LoRA targets and how many skills it holds."""
+
+    label: str
+    build: Callable[[], nn.Module]
+    targets: tuple[str, ...]
+    skills: int
+    large: bool = False  # timed for --large-rounds rounds (else --step-rounds); no recompile count
+
+
+def setups(args: argparse.Namespace) -> dict[str, Setup]:
+    """The configs ``--configs`` chooses from."""
+    return {
+        "base": Setup("base", lambda: VisuomotorPolicy(PolicyConfig.preset("base")), ATTENTION_TARGETS, 4),
+        "12x512": Setup("12x512", lambda: VisuomotorPolicy(PolicyConfig.preset("base", d_model=512, n_layers=12,
+                                                                                n_heads=8)),
+                        ATTENTION_TARGETS, 4, large=True),
+        "act": Setup(f"act {args.act_preset}", lambda: ACTPolicy(ACTConfig.preset(args.act_preset)), ACT_TARGETS,
+                     args.act_skills),
+    }
+
+
+def make_adapters(policy: nn.Module, targets: tuple[str, ...], count: int, rank: int,
+                  seed: int) -> list[SkillAdapter]:
     """``count`` adapters shaped like trained ones: A ~ N(0, 1/r^2), B ~ N(0, 0.02^2), a random skill token."""
     g = torch.Generator().manual_seed(seed)
-    config = LoRAConfig(rank=rank, alpha=2.0 * rank)
-    layers = {n: m for n, m in policy.named_modules()
-              if isinstance(m, nn.Linear) and any(target_matches(n, p) for p in ATTENTION_TARGETS)}
+    config = LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+    shapes = {n: s for n, s in target_shapes(policy).items() if any(target_matches(n, p) for p in targets)}
     fingerprint = base_fingerprint(policy)
     adapters = []
     for i in range(count):
-        lora = {n: (torch.randn(rank, m.in_features, generator=g) / rank,
-                    torch.randn(m.out_features, rank, generator=g) * 0.02) for n, m in layers.items()}
-        token = torch.randn(policy.config.d_model, generator=g) * 0.02
+        lora = {n: (torch.randn(rank, d_in, generator=g) / rank, torch.randn(d_out, rank, generator=g) * 0.02)
+                for n, (d_out, d_in) in shapes.items()}
+        token = torch.randn(policy.spec.skill_token_dim, generator=g) * 0.02
         adapters.append(SkillAdapter(f"s{i}", config, lora, token, fingerprint))
     return adapters
+
+
+def attention_modules(adapter: SkillAdapter, policy: nn.Module) -> list[str]:
+    """The nn.MultiheadAttention modules of ``policy`` whose projections ``adapter`` adapts."""
+    parents = {n.rpartition(".")[0] for n in adapter.lora if n.rpartition(".")[2] in PROJECTIONS}
+    return sorted(m for m in parents if isinstance(policy.get_submodule(m), nn.MultiheadAttention))
+
+
+def peft_parity(policy: nn.Module, adapter: SkillAdapter, peft_unmerged: nn.Module, ours: SkillManager,
+                batch: dict[str, torch.Tensor]) -> str:
+    """How far PEFT's actions are from ours for ``adapter`` (active in both). PEFT (0.21.2 at least) adds the
+    out_proj delta of an nn.MultiheadAttention twice (huggingface/peft#3774), so where the adapter reaches
+    attention modules the gap to ours with those deltas doubled is given too."""
+    with torch.no_grad():
+        actions = peft_unmerged.base_model.model.predict_chunk(batch)
+        out = f"max |diff| = {(actions - ours.predict_chunk(batch)).abs().max():.2e}"
+        modules = attention_modules(adapter, policy)
+        if modules:
+            doubled = {n: (a, 2 * b if n in {f"{m}.out_proj" for m in modules} else b)
+                       for n, (a, b) in adapter.lora.items()}
+            ref = SkillManager(copy.deepcopy(policy), "unmerged")
+            ref.attach(adapter.skill, dataclasses.replace(adapter, lora=doubled))
+            ref.activate(adapter.skill)
+            gap = (actions - ref.predict_chunk(batch)).abs().max()
+            out += f"; vs ours with every attention out_proj delta doubled {gap:.2e} (huggingface/peft#3774)"
+    return out
+
+
+def to_peft_packed(adapter: SkillAdapter, policy: nn.Module, path: Path) -> Path:
+    """``to_peft``, with the q/k/v/out_proj adapters of each nn.MultiheadAttention of ``policy`` in PEFT's layout.
+
+    PEFT adapts an attention module through one LoRA on its packed in_proj_weight (rows q, k, v) and one on its
+    out_proj, both of the module's rank. Rank-r q/k/v adapters are exactly one rank-3r adapter with
+    A = [A_q; A_k; A_v] and block-diagonal B; out_proj's is padded with zeros to rank 3r. The module's alpha is
+    scaled so that alpha / r (or alpha / sqrt(r) with rslora) stays the same.
+    """
+    r, config = adapter.config.rank, adapter.config
+    modules = attention_modules(adapter, policy)
+    lora = {n: ab for n, ab in adapter.lora.items() if n.rpartition(".")[0] not in modules}
+    for m in modules:
+        (a_q, b_q), (a_k, b_k), (a_v, b_v), (a_o, b_o) = (adapter.lora[f"{m}.{p}"] for p in PROJECTIONS)
+        lora[m] = (torch.cat([a_q, a_k, a_v]), torch.block_diag(b_q, b_k, b_v))  # (3r, E), (3E, 3r)
+        lora[f"{m}.base_layer.out_proj"] = (torch.cat([a_o, a_o.new_zeros(2 * r, a_o.shape[1])]),
+                                            torch.cat([b_o, b_o.new_zeros(b_o.shape[0], 2 * r)], dim=1))
+    folder = to_peft(dataclasses.replace(adapter, lora=lora), path)
+    peft_config = json.loads((folder / PEFT_CONFIG).read_text())
+    peft_config["target_modules"] = sorted(n for n in lora if not n.endswith(".base_layer.out_proj"))
+    peft_config["rank_pattern"] = dict.fromkeys(modules, 3 * r)
+    peft_config["alpha_pattern"] = dict.fromkeys(modules, config.alpha * (3 ** 0.5 if config.rslora else 3))
+    (folder / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=1))
+    return folder
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
@@ -95,7 +184,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: torch
     return {n: np.asarray(v) for n, v in out.items()}
 
 
-def managers(policy: VisuomotorPolicy, adapters: list[SkillAdapter]) -> dict[str, SkillManager]:
+def managers(policy: nn.Module, adapters: list[SkillAdapter]) -> dict[str, SkillManager]:
     out = {}
     for label, mode, cache in [(m, m, False) for m in MODES] + [("inplace (cache_merged)", "inplace", True)]:
         mgr = SkillManager(copy.deepcopy(policy), mode, cache_merged=cache)
@@ -107,7 +196,7 @@ def managers(policy: VisuomotorPolicy, adapters: list[SkillAdapter]) -> dict[str
     return out
 
 
-def peft_model(policy: VisuomotorPolicy, folders: list[Path], names: list[str] | None) -> nn.Module:
+def peft_model(policy: nn.Module, folders: list[Path], names: list[str] | None) -> nn.Module:
     """A PeftModel over a copy of the policy with every folder loaded (names None: one adapter, "default")."""
     from peft import PeftModel
 
@@ -119,7 +208,7 @@ def peft_model(policy: VisuomotorPolicy, folders: list[Path], names: list[str] |
     return model.eval()
 
 
-def peft_switches(policy: VisuomotorPolicy, folders: list[Path], names: list[str], unmerged: nn.Module,
+def peft_switches(policy: nn.Module, folders: list[Path], names: list[str], unmerged: nn.Module,
                   merged: nn.Module) -> tuple[dict[str, Callable[[int], object]], dict[str, nn.Module]]:
     """PEFT's ways to switch, and the PeftModel each one switches."""
     from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
@@ -150,12 +239,13 @@ def peft_bytes(model: nn.Module, name: str) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if f".{name}." in n)
 
 
-def bench_config(label: str, args: argparse.Namespace, device: torch.device, peft_ok: bool,
+def bench_config(setup: Setup, args: argparse.Namespace, device: torch.device, peft_ok: bool,
                  workdir: Path) -> list[str]:
+    label = setup.label
     torch.manual_seed(args.seed)
-    policy = VisuomotorPolicy(PolicyConfig.preset("base", **CONFIGS[label])).to(device).eval()
+    policy = setup.build().to(device).eval()
     batch = {k: v.to(device) for k, v in probe_batch(policy).items()}
-    adapters = make_adapters(policy, 4, args.rank, args.seed)
+    adapters = make_adapters(policy, setup.targets, setup.skills, args.rank, args.seed)
     names = [a.skill for a in adapters]
     ours = managers(policy, adapters)
     steps: dict[str, Callable[[], object]] = {"plain base": lambda: policy.predict_chunk(batch)}
@@ -169,7 +259,7 @@ def bench_config(label: str, args: argparse.Namespace, device: torch.device, pef
         switch_fns[mode] = switch
     switched_step = {mode: steps[mode] for mode in ours}  # what runs (untimed) right before each switch
     if peft_ok:
-        folders = [to_peft(a, workdir / label / a.skill) for a in adapters]
+        folders = [to_peft_packed(a, policy, workdir / label / a.skill) for a in adapters]
         unmerged, merged = peft_model(policy, folders, names), peft_model(policy, folders, names)
         merged.merge_adapter()
         for model in (unmerged, merged):
@@ -180,11 +270,10 @@ def bench_config(label: str, args: argparse.Namespace, device: torch.device, pef
         switch_fns.update(peft_fns)
         switched_step.update({k: (lambda m=m: m.base_model.model.predict_chunk(batch)) for k, m in peft_models.items()})
         memory["PEFT unmerged"] = memory["PEFT merged"] = peft_bytes(unmerged, names[0])
-        with torch.no_grad():
-            gap = (unmerged.base_model.model.predict_chunk(batch) - ours["unmerged"].predict_chunk(batch)).abs().max()
-        print(f"[{label}] parity: PEFT unmerged vs ours (skill s0) max |diff| = {gap:.2e}")
+        print(f"[{label}] parity, PEFT unmerged vs ours (skill {names[0]}): "
+              f"{peft_parity(policy, adapters[0], unmerged, ours['unmerged'], batch)}")
 
-    rounds = args.step_rounds if label == "base" else args.large_rounds
+    rounds = args.large_rounds if setup.large else args.step_rounds
     counter = iter(range(1 << 30))
     with torch.no_grad():
         step_t = interleaved(steps, rounds, device)
@@ -211,13 +300,27 @@ def bench_config(label: str, args: argparse.Namespace, device: torch.device, pef
     return rows
 
 
-def recompiles(args: argparse.Namespace, device: torch.device, peft_ok: bool, workdir: Path) -> list[str]:
+class LimitHits(logging.Filter):
+    """Counts (and silences) dynamo's "hit config.recompile_limit" warnings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        hit = "recompile_limit" in record.getMessage()
+        self.count += hit
+        return not hit
+
+
+def recompiles(setup: Setup, args: argparse.Namespace, device: torch.device, peft_ok: bool,
+               workdir: Path) -> list[str]:
     from torch._dynamo.testing import CompileCounter
 
     torch.manual_seed(args.seed)
-    policy = VisuomotorPolicy(PolicyConfig.preset("base")).to(device).eval()
+    policy = setup.build().to(device).eval()
     batch = {k: v.to(device) for k, v in probe_batch(policy).items()}
-    adapters = make_adapters(policy, 16, args.rank, args.seed + 1)
+    adapters = make_adapters(policy, setup.targets, args.compile_skills, args.rank, args.seed + 1)
     names = [a.skill for a in adapters]
     cycles: dict[str, tuple[Callable[[], object], Callable[[str], None]]] = {}
     for mode in MODES:
@@ -230,31 +333,42 @@ def recompiles(args: argparse.Namespace, device: torch.device, peft_ok: bool, wo
             mgr.apply_pending()
         cycles[mode] = (mgr.policy.predict_chunk, switch)
     if peft_ok:
-        folders = [to_peft(a, workdir / "compile" / a.skill) for a in adapters]
+        folders = [to_peft_packed(a, policy, workdir / "compile" / setup.label / a.skill) for a in adapters]
         model = peft_model(policy, folders, names)
         cycles["PEFT set_adapter"] = (model.base_model.model.predict_chunk, model.set_adapter)
+    dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
     limit = torch._dynamo.config.recompile_limit
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # the limit warning is reported in the table
     rows = []
     for label, (fn, switch) in cycles.items():
         torch._dynamo.reset()
-        counter = CompileCounter()
+        counter, limit_hits = CompileCounter(), LimitHits()
         compiled = torch.compile(fn, backend=counter)
-        with torch.no_grad():
-            for name in names * 2:
-                switch(name)
+        dynamo_log.addFilter(limit_hits)  # the limit warnings are reported in the table instead
+        try:
+            with torch.no_grad():
+                switch(names[0])
                 compiled(batch)
-        n = counter.frame_count - 1
-        note = f" (then recompile_limit={limit} reached: eager from there on)" if n + 1 >= limit else ""
-        rows.append(f"| {label} | {n}{note} |")
+                first = counter.frame_count  # the first call's frames (more than one where the code graph-breaks)
+                for name in names[1:] + names:
+                    switch(name)
+                    compiled(batch)
+        finally:
+            dynamo_log.removeFilter(limit_hits)
+        note = (f" (recompile_limit={limit} hit by {limit_hits.count} frames: eager from there on)"
+                if limit_hits.count else "")
+        rows.append(f"| {setup.label} | {label} | {counter.frame_count - first}{note} |")
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
+                        help="base, 12x512: the visuomotor policy; act: the ACT-style policy (--act-preset)")
+    parser.add_argument("--act-preset", default="base", choices=["tiny", "base"], help="ACTConfig preset")
+    parser.add_argument("--act-skills", type=int, default=16, help="skills attached to the ACT policy")
+    parser.add_argument("--compile-skills", type=int, default=16, help="skills cycled under torch.compile")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--step-rounds", type=int, default=300, help="interleaved rounds on the base config")
+    parser.add_argument("--step-rounds", type=int, default=300, help="interleaved rounds on the base and act configs")
     parser.add_argument("--large-rounds", type=int, default=25, help="interleaved rounds on the 12x512 config")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = least noise when shared)")
     parser.add_argument("--device", default="cpu")
@@ -270,21 +384,26 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         peft_ok = False
         print("peft is not installed (pip install peft): PEFT rows are skipped")
+    chosen = [setups(args)[name] for name in dict.fromkeys(args.configs)]
     start = time.perf_counter()
-    rows = []
+    rows, compile_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for label in args.configs:
-            rows += bench_config(label, args, device, peft_ok, Path(tmp))
-            print(f"[{label}] done after {time.perf_counter() - start:.0f} s")
-        compile_rows = [] if args.no_compile else recompiles(args, device, peft_ok, Path(tmp))
-    print(f"\nbatch 1, r={args.rank} on attn.q/k/v/o, {args.threads} thread(s), {device}; "
-          f"{time.perf_counter() - start:.0f} s\n")
-    print("| config | variant | step p50 ms | step p99 ms | x plain (wall p50) | x plain (CPU p50) "
+        for setup in chosen:
+            rows += bench_config(setup, args, device, peft_ok, Path(tmp))
+            print(f"[{setup.label}] done after {time.perf_counter() - start:.0f} s")
+        if not args.no_compile:
+            for setup in (s for s in chosen if not s.large):
+                compile_rows += recompiles(setup, args, device, peft_ok, Path(tmp))
+    print(f"\nbatch 1, r={args.rank}, {args.threads} thread(s), {device}; {time.perf_counter() - start:.0f} s")
+    for setup in chosen:
+        print(f"{setup.label}: {setup.skills} skills on {', '.join(setup.targets)}")
+    print("\n| config | variant | step p50 ms | step p99 ms | x plain (wall p50) | x plain (CPU p50) "
           "| switch p50 us | switch p99 us | switch max us | switch CPU p99 us | MB per skill |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if compile_rows:
-        print("\n| cycling 16 skills x2 under torch.compile (base) | recompiles |\n|---|---|")
+        print(f"\n| config | cycling {args.compile_skills} skills x2 under torch.compile | recompiles (frames "
+              "compiled after the first call) |\n|---|---|---|")
         print("\n".join(compile_rows))
 
 
