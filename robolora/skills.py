@@ -100,6 +100,9 @@ class _Layer:
     original: nn.Parameter  # the owner's own weight (W0); the plain base binds it in bank mode
     # unmerged mode, per unit: (A (r, d_in), (w s B)^T (1, r, d_out)), or None
     terms: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    # unmerged mode, attention weights: W0 + the terms' delta, built at the first step after a switch and reused
+    # until the next one (the module reads whole weights, so the LoRA path cannot run beside them per token)
+    effective: torch.Tensor | None = None
 
     @property
     def term(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -144,16 +147,21 @@ class _Skill:
 
 
 def _unmerged_attention(layers: list[_Layer], module: nn.MultiheadAttention, *args: Any, **kwargs: Any) -> Any:
-    """An attention module's forward with W0 + (w s B) A bound for the call, per weight that has a LoRA term."""
+    """An attention module's forward with W0 + (w s B) A bound for the call, per weight that has a LoRA term.
+
+    The sum is built once per switch (``_Layer.effective``, cleared when a switch is applied), so a step costs what
+    a bank step does and a switch stays as cheap as rebinding the terms."""
     bindings = []
     for layer in layers:
         if all(t is None for t in layer.terms):
             continue
-        blocks = []
-        for unit, term in zip(layer.units, layer.terms):
-            rows = layer.original if unit.weight_rows is None else layer.original[unit.weight_rows]
-            blocks.append(rows if term is None else torch.addmm(rows, term[1][0].t(), term[0]))  # (d_out, d_in)
-        bindings.append((layer.params, layer.key, blocks[0] if len(blocks) == 1 else torch.cat(blocks)))
+        if layer.effective is None:
+            blocks = []
+            for unit, term in zip(layer.units, layer.terms):
+                rows = layer.original if unit.weight_rows is None else layer.original[unit.weight_rows]
+                blocks.append(rows if term is None else torch.addmm(rows, term[1][0].t(), term[0]))  # (d_out, d_in)
+            layer.effective = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        bindings.append((layer.params, layer.key, layer.effective))
     return call_with_weights(module, bindings, *args, **kwargs)
 
 
@@ -463,6 +471,7 @@ class SkillManager:
             for name, layer in self._layers.items():
                 terms = switch.bindings.get(name)
                 layer.terms[:] = terms if terms is not None else [None] * len(layer.units)
+                layer.effective = None
         else:
             with torch.no_grad():
                 for name, layer in self._layers.items():
