@@ -5,9 +5,9 @@ switches move the LoRA weights only), on
 - the visuomotor policy, shipped base config and a larger one (12 layers, d=512): 4 skills on attn.q/k/v/o;
 - the ACT-style policy (``--act-preset``, base by default): 16 skills (``--act-skills``) on q/k/v/out_proj of every
   nn.MultiheadAttention (self_attn, cross_attn) and on the feed-forward linear1/linear2. PEFT's LoRA on an
-  nn.MultiheadAttention is one adapter on the packed in_proj_weight and one on out_proj, of one rank, so the same
-  adapters reach PEFT packed (``to_peft_packed``): q/k/v as one block-diagonal rank-3r adapter, out_proj padded
-  with zeros to rank 3r, alpha scaled to keep the LoRA scale. Same function; the parity line checks it.
+  nn.MultiheadAttention is one adapter on the packed in_proj_weight and one on out_proj, of one rank; the same
+  adapters reach PEFT through ``robolora.adapters.to_peft(adapter, path, policy)`` (q/k/v as one block-diagonal
+  rank-3r adapter, out_proj padded); the parity line checks it.
 Measured:
 - step latency p50/p99 of ``predict_chunk`` under no_grad: plain base, bank, inplace (also with
   ``cache_merged``), unmerged, PEFT unmerged, PEFT merged. Variants are timed in interleaved rounds (rotating
@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
-import json
 import logging
 import tempfile
 import time
@@ -49,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robolora.adapters import PEFT_CONFIG, SkillAdapter, to_peft
+from robolora.adapters import SkillAdapter, to_peft
 from robolora.config import ATTENTION_TARGETS, LoRAConfig
 from robolora.inject import target_matches, target_shapes
 from robolora.lora_mha import PROJECTIONS
@@ -101,55 +99,13 @@ def make_adapters(policy: nn.Module, targets: tuple[str, ...], count: int, rank:
     return adapters
 
 
-def attention_modules(adapter: SkillAdapter, policy: nn.Module) -> list[str]:
-    """The nn.MultiheadAttention modules of ``policy`` whose projections ``adapter`` adapts."""
-    parents = {n.rpartition(".")[0] for n in adapter.lora if n.rpartition(".")[2] in PROJECTIONS}
-    return sorted(m for m in parents if isinstance(policy.get_submodule(m), nn.MultiheadAttention))
-
-
-def peft_parity(policy: nn.Module, adapter: SkillAdapter, peft_unmerged: nn.Module, ours: SkillManager,
-                batch: dict[str, torch.Tensor]) -> str:
-    """How far PEFT's actions are from ours for ``adapter`` (active in both). PEFT (0.21.2 at least) adds the
-    out_proj delta of an nn.MultiheadAttention twice (huggingface/peft#3774), so where the adapter reaches
-    attention modules the gap to ours with those deltas doubled is given too."""
+def peft_parity(peft_unmerged: nn.Module, ours: SkillManager, batch: dict[str, torch.Tensor]) -> str:
+    """How far PEFT's actions are from ours for the adapter active in both. ``robolora.adapters.to_peft`` writes
+    attention adapters so that the installed peft reproduces ours, including peft 0.21.2's double application of
+    an attention out_proj delta (huggingface/peft#3774, compensated in the written file)."""
     with torch.no_grad():
         actions = peft_unmerged.base_model.model.predict_chunk(batch)
-        out = f"max |diff| = {(actions - ours.predict_chunk(batch)).abs().max():.2e}"
-        modules = attention_modules(adapter, policy)
-        if modules:
-            doubled = {n: (a, 2 * b if n in {f"{m}.out_proj" for m in modules} else b)
-                       for n, (a, b) in adapter.lora.items()}
-            ref = SkillManager(copy.deepcopy(policy), "unmerged")
-            ref.attach(adapter.skill, dataclasses.replace(adapter, lora=doubled))
-            ref.activate(adapter.skill)
-            gap = (actions - ref.predict_chunk(batch)).abs().max()
-            out += f"; vs ours with every attention out_proj delta doubled {gap:.2e} (huggingface/peft#3774)"
-    return out
-
-
-def to_peft_packed(adapter: SkillAdapter, policy: nn.Module, path: Path) -> Path:
-    """``to_peft``, with the q/k/v/out_proj adapters of each nn.MultiheadAttention of ``policy`` in PEFT's layout.
-
-    PEFT adapts an attention module through one LoRA on its packed in_proj_weight (rows q, k, v) and one on its
-    out_proj, both of the module's rank. Rank-r q/k/v adapters are exactly one rank-3r adapter with
-    A = [A_q; A_k; A_v] and block-diagonal B; out_proj's is padded with zeros to rank 3r. The module's alpha is
-    scaled so that alpha / r (or alpha / sqrt(r) with rslora) stays the same.
-    """
-    r, config = adapter.config.rank, adapter.config
-    modules = attention_modules(adapter, policy)
-    lora = {n: ab for n, ab in adapter.lora.items() if n.rpartition(".")[0] not in modules}
-    for m in modules:
-        (a_q, b_q), (a_k, b_k), (a_v, b_v), (a_o, b_o) = (adapter.lora[f"{m}.{p}"] for p in PROJECTIONS)
-        lora[m] = (torch.cat([a_q, a_k, a_v]), torch.block_diag(b_q, b_k, b_v))  # (3r, E), (3E, 3r)
-        lora[f"{m}.base_layer.out_proj"] = (torch.cat([a_o, a_o.new_zeros(2 * r, a_o.shape[1])]),
-                                            torch.cat([b_o, b_o.new_zeros(b_o.shape[0], 2 * r)], dim=1))
-    folder = to_peft(dataclasses.replace(adapter, lora=lora), path)
-    peft_config = json.loads((folder / PEFT_CONFIG).read_text())
-    peft_config["target_modules"] = sorted(n for n in lora if not n.endswith(".base_layer.out_proj"))
-    peft_config["rank_pattern"] = dict.fromkeys(modules, 3 * r)
-    peft_config["alpha_pattern"] = dict.fromkeys(modules, config.alpha * (3 ** 0.5 if config.rslora else 3))
-    (folder / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=1))
-    return folder
+        return f"max |diff| = {(actions - ours.predict_chunk(batch)).abs().max():.2e}"
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
@@ -259,7 +215,7 @@ def bench_config(setup: Setup, args: argparse.Namespace, device: torch.device, p
         switch_fns[mode] = switch
     switched_step = {mode: steps[mode] for mode in ours}  # what runs (untimed) right before each switch
     if peft_ok:
-        folders = [to_peft_packed(a, policy, workdir / label / a.skill) for a in adapters]
+        folders = [to_peft(a, workdir / label / a.skill, policy) for a in adapters]
         unmerged, merged = peft_model(policy, folders, names), peft_model(policy, folders, names)
         merged.merge_adapter()
         for model in (unmerged, merged):
@@ -271,7 +227,7 @@ def bench_config(setup: Setup, args: argparse.Namespace, device: torch.device, p
         switched_step.update({k: (lambda m=m: m.base_model.model.predict_chunk(batch)) for k, m in peft_models.items()})
         memory["PEFT unmerged"] = memory["PEFT merged"] = peft_bytes(unmerged, names[0])
         print(f"[{label}] parity, PEFT unmerged vs ours (skill {names[0]}): "
-              f"{peft_parity(policy, adapters[0], unmerged, ours['unmerged'], batch)}")
+              f"{peft_parity(unmerged, ours['unmerged'], batch)}")
 
     rounds = args.large_rounds if setup.large else args.step_rounds
     counter = iter(range(1 << 30))
@@ -333,7 +289,7 @@ def recompiles(setup: Setup, args: argparse.Namespace, device: torch.device, pef
             mgr.apply_pending()
         cycles[mode] = (mgr.policy.predict_chunk, switch)
     if peft_ok:
-        folders = [to_peft_packed(a, policy, workdir / "compile" / setup.label / a.skill) for a in adapters]
+        folders = [to_peft(a, workdir / "compile" / setup.label / a.skill, policy) for a in adapters]
         model = peft_model(policy, folders, names)
         cycles["PEFT set_adapter"] = (model.base_model.model.predict_chunk, model.set_adapter)
     dynamo_log = logging.getLogger("torch._dynamo.convert_frame")
