@@ -352,11 +352,25 @@ def cmd_finetune_rl(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from robolora.export import export_bundle
+    from robolora.export import export_bundle, export_skills
 
+    base = resolve_run(args.base, "policy", "config.json")
+    if args.skills and args.skill:
+        raise ValueError("give --skill (one skill) or --skills (a multi-skill bundle), not both")
+    if args.skills:
+        skills = [resolve_run(Path(s), "adapter", "adapter.json") if Path(s).exists() else s
+                  for s in _names(args.skills)]
+        index = export_skills(base, skills, args.out, control_hz=args.hz,
+                              sequence=_names(args.sequence) if args.sequence else None)
+        summary = {"out": index["path"], "skills": index["skills"], "sequence": index["sequence"],
+                   **{f"parity_max_abs_diff/{k}": v for k, v in index["parity"].items()},
+                   "bytes": sum(f["bytes"] for f in index["files"].values())}
+        emit(args, index if args.json else summary)
+        return 0
+    if args.sequence:
+        raise ValueError("--sequence orders the skills of a multi-skill bundle; pass them with --skills")
     skill = resolve_run(args.skill, "adapter", "adapter.json") if args.skill else None
-    meta = export_bundle(resolve_run(args.base, "policy", "config.json"), skill, args.out, control_hz=args.hz,
-                         task_id=args.task_id)
+    meta = export_bundle(base, skill, args.out, control_hz=args.hz, task_id=args.task_id)
     files = {name: f["bytes"] for name, f in meta["files"].items()}
     summary = {"out": meta["path"], "skill": meta.get("skill"), "parity_max_abs_diff": meta["parity"]["max_abs_diff"],
                **{f"bytes/{k}": v for k, v in files.items()}}
@@ -364,18 +378,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    """``"wipe, dish_rack"`` -> ``["wipe", "dish_rack"]``."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def cmd_control(args: argparse.Namespace) -> int:
     from robolora.controller import control_main
     from robolora.envs import TASKS
 
     env_id = TASKS[args.env]
+    timeout = None if args.timeout is None else args.timeout[0] if len(args.timeout) == 1 else args.timeout
     bar = Progress(args.episodes, "control", not args.json)
     try:
         m = control_main(args.bundle, env_id, hz=args.hz, episodes=args.episodes, seed=args.seed,
-                         task_id=args.task_id, on_episode=bar.update_to)
+                         task_id=args.task_id, on_episode=bar.update_to,
+                         sequence=_names(args.sequence) if args.sequence else None, switch=args.switch,
+                         schedule=args.schedule, threshold=args.threshold, k=args.k, timeout=timeout)
     finally:
         bar.close()
     emit(args, m if args.json else {k: v for k, v in m.items() if k != "episodes"})
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from robolora.data import load_manifest
+    from robolora.integrations.lerobot_data import to_lerobot_dataset
+
+    episodes = sum(len(load_manifest(d)["episodes"]) for d in args.demos)
+    bar = Progress(episodes, f"convert to {args.to}", not args.json)
+    try:
+        info = to_lerobot_dataset(args.demos, args.out, repo_id=args.repo_id, videos=args.images == "video",
+                                  progress=bar.update_to)
+    except (ImportError, FileExistsError) as e:
+        raise ValueError(str(e)) from e
+    finally:
+        bar.close()
+    emit(args, info)
     return 0
 
 
@@ -556,10 +595,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_finetune_rl)
 
-    p = sub.add_parser("export", help="merge a skill into the base, strip LoRA, write a verified controller bundle",
-                       epilog="example: robolora export --skill policies/pretrained/skills/dish_rack --out bundles/dish")
+    p = sub.add_parser("export", help="merge skills into the base, strip LoRA, write a verified controller bundle",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "examples:\n  robolora export --skill policies/pretrained/skills/dish_rack --out bundles/dish\n"
+                           "  robolora export --skills wipe,dish_rack --sequence wipe,dish_rack --out bundles/kitchen"))
     p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
     p.add_argument("--skill", type=Path, default=None, help="skill adapter to merge (default: the base alone)")
+    p.add_argument("--skills", default=None,
+                   help="comma-separated skills (adapter folders or shipped names): one multi-skill bundle")
+    p.add_argument("--sequence", default=None,
+                   help="with --skills: the order they run in; the bundle allows only its transitions")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--hz", type=float, default=20.0, help="control rate recorded in the bundle (default 20)")
     p.add_argument("--task-id", type=int, default=None, help="bake a base task id into a base-only bundle")
@@ -567,15 +612,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("control", help="run a bundle with the torch-free controller at a fixed rate in MuJoCo",
-                       epilog="example: robolora control --bundle bundles/dish --env robolora/DishRack-v0 --hz 20")
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "examples:\n  robolora control --bundle bundles/dish --env robolora/DishRack-v0 --hz 20\n"
+                           "  robolora control --bundle bundles/kitchen --env kitchen --sequence wipe,dish_rack "
+                           "--switch learned"))
     p.add_argument("--bundle", type=Path, required=True, help="controller bundle folder (robolora export)")
     p.add_argument("--env", type=task_arg, required=True, help="task name or gym id to drive")
     p.add_argument("--hz", type=float, default=None, help="control rate (default: the bundle's; 0 = unpaced)")
     p.add_argument("--episodes", type=int, default=20, help="episodes (default 20)")
     p.add_argument("--seed", type=int, default=None, help="first episode seed (default: held-out range)")
     p.add_argument("--task-id", type=int, default=None, help="task id for a base bundle (default: the env's)")
+    p.add_argument("--sequence", default=None,
+                   help="comma-separated skills of a multi-skill bundle to run in order (default: the bundle's)")
+    p.add_argument("--switch", default=None, choices=["learned", "schedule", "command"],
+                   help="when the next skill takes over: its predecessor's completion head (learned, the default "
+                        "for a multi-skill bundle), --schedule ticks, or commands (here the env's stage success "
+                        "stands in for the planner)")
+    p.add_argument("--schedule", type=int, nargs="+", default=None, help="tick at which each next skill acts first")
+    p.add_argument("--threshold", type=float, default=None, help="override the completion threshold (0, 1]")
+    p.add_argument("--k", type=int, default=None, help="override the consecutive ticks above the threshold")
+    p.add_argument("--timeout", type=int, nargs="+", default=None,
+                   help="override the skills' timeouts in ticks: one for all, or one per skill of the sequence")
     _common(p, device=False)
     p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser("convert", help="write robolora demo folders as another library's dataset (LeRobotDataset v3)",
+                       epilog="example: robolora convert --to lerobot data/reach data/push --out data/lerobot_base")
+    p.add_argument("demos", type=Path, nargs="+", help="robolora demo folders (robolora collect), one task each")
+    p.add_argument("--to", required=True, choices=["lerobot"],
+                   help="lerobot: a LeRobotDataset v3 folder (needs the lerobot extra, Python >= 3.12)")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder to create (must not exist)")
+    p.add_argument("--repo-id", default=None, help="dataset name recorded in it (default robolora/<tasks>)")
+    p.add_argument("--images", default="video", choices=["video", "png"],
+                   help="camera frames as mp4 video (LeRobot's default, lossy) or lossless PNG (default video)")
+    _common(p, device=False)
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -17,6 +17,10 @@ atomically (a temporary sibling folder renamed into place):
 Task identity: a skill's token becomes a constant of the graph (no task input). A base bundle takes ``task_id`` as
 an input (one bundle serves every base task; the controller supplies the id) unless ``task_id=`` bakes one in.
 
+``export_skills(base, skills, out_dir)`` exports several skills of one base as one multi-skill bundle: each skill's
+single-skill bundle under ``skills/<name>/`` (a bank of merged graphs) and an index ``skills.json`` with the skill
+order, the allowed transitions and every file's sha256 (docs/controller.md).
+
 Parity: on fixed probe observations (batch 1 and 5) the ONNX graph (through the controller's onnxruntime session),
 the ``.pt2`` program and the reloaded ``model.safetensors`` are compared with the merged torch model, and the merged
 model with the unmerged one (base + active adapter); any max abs difference above ``tolerance`` (5e-5 per link,
@@ -35,11 +39,12 @@ import contextlib
 import copy
 import json
 import logging
+import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,10 +53,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import robolora
-from robolora.adapters import SkillAdapter, attach_active, load_adapter
+from robolora.adapters import SkillAdapter, attach_active, load_adapter, resolve_adapter
 from robolora.atomic import replace_dir
 from robolora.controller import (BUNDLE_FILES, FORMAT, FORMAT_VERSION, ONNX_FILE, OUTPUT_NAME, PT2_FILE, SPEC_FILE,
                                  TASK_INPUT, WEIGHTS_FILE, load_bundle, sha256_file)
+from robolora.controller import INDEX_FILE, SKILLS_DIR, SKILLS_FORMAT, SKILLS_FORMAT_VERSION
 from robolora.inject import lora_layers, strip_lora
 from robolora.policies import base_fingerprint, load_policy
 from robolora.policies.checkpoint import POLICY_KINDS, policy_kind
@@ -157,6 +163,79 @@ def export_bundle(
     logger.info("exported %s to %s (parity max abs diff %.2e)", skill_name or "base", out_dir,
                 meta["parity"]["max_abs_diff"])
     return {**meta, "path": str(out_dir)}
+
+
+def export_skills(
+    base: str | Path | nn.Module,
+    skills: Sequence[str | Path | SkillAdapter],
+    out_dir: str | Path,
+    control_hz: float = 20.0,
+    *,
+    sequence: Sequence[str] | None = None,
+    env_id: str | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> dict[str, Any]:
+    """Export several skills of one base as one multi-skill bundle at ``out_dir``; returns its index.
+
+    Each skill goes through ``export_bundle`` (its merged graph, execution, parity report and checksums) into
+    ``skills/<name>/``, so the bundle is a bank of merged graphs: the fastest step, N x the model's memory
+    (docs/controller.md measures it against onnxruntime's multi-LoRA). The index ``skills.json`` records the skills
+    in order, the sequence and the transitions it allows, and the sha256 of every file under ``skills/``.
+
+    ``skills``: adapter folders, shipped skill names (``"wipe"``) or ``SkillAdapter``s. ``sequence``: the order the
+    skills run in; the bundle then allows exactly its transitions (default: any skill may follow any other).
+    ``env_id`` is export_bundle's, for every skill (default: each skill's own task). Written atomically; an
+    existing bundle at ``out_dir`` is replaced, any other existing folder is refused.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / INDEX_FILE).is_file()
+                                                       or (out_dir / SPEC_FILE).is_file())):
+        raise ValueError(f"{out_dir} exists and is not a bundle folder; choose a new or empty folder")
+    if isinstance(skills, (str, Path)) or not skills:
+        raise ValueError(f"skills={skills!r}: give a list of adapter folders or shipped names, e.g. "
+                         f"['wipe', 'dish_rack']")
+    sources = [s if isinstance(s, SkillAdapter) else resolve_adapter(s) for s in skills]
+    names = [(s if isinstance(s, SkillAdapter) else load_adapter(s)).skill for s in sources]
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", n)]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"skill names {names} must be distinct folder names (letters, digits, _ . -); rename the "
+                         f"adapters' skills (bad: {bad})")
+    unknown = [n for n in (sequence or ()) if n not in names]
+    if sequence is not None and (unknown or not sequence):
+        raise ValueError(f"sequence {list(sequence)} names skill(s) {unknown} not exported; the skills are {names}")
+    transitions = ({a: [b for b in names if b != a] for a in names} if sequence is None else
+                   {a: sorted({b for x, b in zip(sequence, sequence[1:]) if x == a}) for a in names})
+    policy = base if isinstance(base, nn.Module) else load_policy(base)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        reports = {name: export_bundle(policy, source, tmp / SKILLS_DIR / name, control_hz, env_id=env_id,
+                                       tolerance=tolerance) for name, source in zip(names, sources)}
+        files = {f"{SKILLS_DIR}/{name}/{f.name}": {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                 for name in names for f in sorted((tmp / SKILLS_DIR / name).iterdir())}
+        first = reports[names[0]]
+        index = {
+            "format": SKILLS_FORMAT,
+            "format_version": SKILLS_FORMAT_VERSION,
+            "representation": "bank",
+            "skills": names,
+            "sequence": None if sequence is None else list(sequence),
+            "transitions": transitions,
+            "base_fingerprint": first["base_fingerprint"],
+            "control_hz": first["control_hz"],
+            "completion": {name: reports[name].get("completion") for name in names},
+            "parity": {name: reports[name]["parity"]["max_abs_diff"] for name in names},
+            "files": files,
+            "exported_with": first["exported_with"],
+        }
+        _write_json(tmp / INDEX_FILE, index)
+        load_bundle(tmp)  # the index as the controller reads it
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("exported skills %s to %s", names, out_dir)
+    return {**index, "path": str(out_dir)}
 
 
 def load_merged_policy(bundle: str | Path) -> nn.Module:

@@ -1,5 +1,6 @@
 """The torch-free controller: refuses bad bundles before any step, holds safely on bad observations and keeps
-going, acts exactly like the torch policy's select_action, keeps its rate, and runs where torch cannot import."""
+going, acts exactly like the torch policy's select_action, keeps its rate, and runs where torch cannot import;
+multi-skill bundles: every skill checked and loaded, switches whole at the next tick from any thread."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import gymnasium as gym
@@ -21,7 +23,7 @@ from robolora.adapters import attach_for_eval, save_adapter
 from robolora.controller import BundleError, load_bundle, run_episodes
 from robolora.stats import EVAL_SEED
 from robolora.envs import make
-from robolora.export import export_bundle
+from robolora.export import export_bundle, export_skills
 from robolora.policies import PolicyConfig, VisuomotorPolicy
 from test_adapters import tiny, trained_adapter
 
@@ -278,3 +280,174 @@ def test_shipped_policy_succeeds_as_often_through_the_controller(tmp_path, skill
     result = control_main(tmp_path / "bundle", env_id, hz=0, episodes=20)
     assert torch_result["eval/ci_low"] <= result["control/success_rate"] <= torch_result["eval/ci_high"]
     assert result["control/faults"] == 0
+
+
+# ------------------------------------------------------------------------------------------ multi-skill bundles
+def two_skills(root):
+    """Adapter folders of two tiny skills that execute differently: wipe (4-action chunks) and dish_rack
+    (temporal ensembling)."""
+    wipe, dish = trained_adapter(seed=1), trained_adapter(seed=2)
+    dish.skill = "dish_rack"
+    dish.metadata["execution"] = {"n_action_steps": 1, "temporal_ensemble": 0.1}
+    return save_adapter(wipe, root / "wipe"), save_adapter(dish, root / "dish_rack")
+
+
+@pytest.fixture(scope="module")
+def kitchen(tmp_path_factory):
+    """(multi-skill bundle of wipe then dish_rack, {skill: adapter folder}) on the tiny policy, Reach's spaces."""
+    root = tmp_path_factory.mktemp("kitchen")
+    adapters = two_skills(root)
+    export_skills(tiny(), adapters, root / "bundle", env_id=REACH, sequence=["wipe", "dish_rack"])
+    return root / "bundle", dict(zip(("wipe", "dish_rack"), adapters))
+
+
+def test_multi_skill_bundle_holds_every_skill_with_its_execution_and_checksums(kitchen):
+    bundle, _ = kitchen
+    index = json.loads((bundle / "skills.json").read_text())
+    assert index["skills"] == ["wipe", "dish_rack"] and index["sequence"] == ["wipe", "dish_rack"]
+    assert index["transitions"] == {"wipe": ["dish_rack"], "dish_rack": []} and index["representation"] == "bank"
+    files = {f"skills/{s}/{f}" for s in index["skills"]
+             for f in ("policy.json", "policy.onnx", "policy.pt2", "model.safetensors")}
+    assert set(index["files"]) == files and all(len(f["sha256"]) == 64 for f in index["files"].values())
+    assert sorted(p.name for p in bundle.iterdir()) == ["skills", "skills.json"], "no temporary folder is left"
+    controller = load_bundle(bundle)
+    assert controller.skills == ("wipe", "dish_rack") and controller.active == "wipe"
+    assert controller.skill_spec("wipe").n_action_steps == 4
+    assert controller.skill_spec("dish_rack").temporal_ensemble == 0.1
+    for skill in index["skills"]:
+        meta = json.loads((bundle / "skills" / skill / "policy.json").read_text())
+        assert meta["skill"] == skill and meta["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_a_skill_sequence_acts_exactly_like_the_torch_skill_manager(kitchen):
+    """Switches at the same ticks (wipe mid-chunk -> dish_rack -> wipe) give the torch SkillManager's actions."""
+    from robolora.skills import SkillManager
+
+    bundle, adapters = kitchen
+    controller = load_bundle(bundle)
+    manager = SkillManager(tiny(), mode="bank")
+    for path in adapters.values():
+        manager.load(path)
+    worst = 0.0
+    switches = {0: "wipe", 6: "dish_rack", 11: "wipe"}
+    for t, obs in enumerate(_observations(REACH, 1, 16, seed=7)):
+        if t in switches:
+            controller.activate(switches[t])
+            manager.activate(switches[t])
+        worst = max(worst, float(np.abs(controller.select_action(obs) - manager.select_action(obs)).max()))
+    assert worst <= 1e-5
+
+
+def test_activate_takes_effect_at_the_next_tick_and_drops_the_queue(kitchen):
+    bundle, _ = kitchen
+    controller = load_bundle(bundle)
+    obs = make(REACH).reset(seed=0)[0]
+    first = controller.select_action(obs)  # wipe queries a 4-action chunk and executes its first action
+    calls = []
+    controller.predict_chunk = lambda inputs: calls.append(controller.active) or controller.predict(inputs, [
+        "actions"])[0]
+    controller.activate("dish_rack")
+    assert controller.active == "wipe" and not controller.switched, "nothing changes before the next tick"
+    controller.select_action(obs)
+    assert controller.active == "dish_rack" and controller.switched and calls == ["dish_rack"]
+    assert len(controller.switch_s) == 1 and 0 < controller.switch_s[0] < 1e-3
+    controller.activate("wipe")
+    assert np.array_equal(controller.select_action(obs), first), "wipe restarts from a fresh chunk"
+    assert calls == ["dish_rack", "wipe"]
+    controller.activate("wipe")  # already active: no switch, the queue goes on
+    controller.select_action(obs)
+    assert calls == ["dish_rack", "wipe"] and not controller.switched
+
+
+def test_activate_from_another_thread_never_mixes_skills(kitchen):
+    """A thread flips skills as fast as it can while the loop steps one fixed observation: every tick runs one
+    skill, from a fresh queue right after each switch (so its action is fixed by the skill and the ticks since)."""
+    bundle, _ = kitchen
+    controller = load_bundle(bundle)
+    obs = make(REACH).reset(seed=0)[0]
+    expected = {}
+    for skill in ("wipe", "dish_rack"):  # each skill's first 40 actions on this observation from a fresh queue
+        controller.activate(skill)
+        controller.reset()
+        expected[skill] = [controller.select_action(obs) for _ in range(40)]
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            for skill in ("wipe", "dish_rack"):
+                controller.activate(skill)
+                time.sleep(1e-4)
+
+    thread = threading.Thread(target=flip)
+    controller.reset()
+    thread.start()
+    try:
+        log = []
+        for _ in range(200):
+            action = controller.select_action(obs)
+            log.append((controller.active, controller.switched, action))
+    finally:
+        stop.set()
+        thread.join()
+    since, switches = 0, 0
+    for skill, switched, action in log:
+        since = 0 if switched else since + 1
+        switches += switched
+        assert np.array_equal(action, expected[skill][min(since, 39)]), (skill, since)
+    assert switches >= 5, "the other thread's requests must land"
+
+
+def test_unknown_skill_is_refused_naming_the_skills(kitchen):
+    controller = load_bundle(kitchen[0])
+    with pytest.raises(ValueError, match=r"unknown skill 'pour'.*\['wipe', 'dish_rack'\]"):
+        controller.activate("pour")
+    assert controller.active == "wipe"
+
+
+@pytest.mark.parametrize("name", ["skills/dish_rack/policy.onnx", "skills/wipe/policy.json",
+                                  "skills/wipe/model.safetensors"])
+def test_a_tampered_skill_file_is_refused_by_checksum(kitchen, tmp_path, name):
+    bundle = _copy(kitchen[0], tmp_path)
+    data = bytearray((bundle / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name} does not match its checksum in skills.json"):
+        load_bundle(bundle)
+
+
+def test_multi_skill_export_refuses_bad_input_and_writes_nothing(kitchen, tmp_path):
+    adapters = kitchen[1]
+    with pytest.raises(ValueError, match=r"sequence \['wipe', 'pour'\].*\['wipe', 'dish_rack'\]"):
+        export_skills(tiny(), list(adapters.values()), tmp_path / "out", sequence=["wipe", "pour"])
+    with pytest.raises(ValueError, match="distinct"):
+        export_skills(tiny(), [adapters["wipe"], adapters["wipe"]], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    index = kitchen[0] / "skills.json"
+    bundle = _copy(kitchen[0], tmp_path)
+    meta = json.loads(index.read_text())
+    meta["files"].pop("skills/dish_rack/policy.pt2")
+    (bundle / "skills.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="records no sha256 for skills/dish_rack/policy.pt2"):
+        load_bundle(bundle)
+
+
+def test_multi_skill_bundle_runs_in_a_process_where_torch_cannot_be_imported(kitchen):
+    code = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not installed on this controller")
+        sys.meta_path.insert(0, NoTorch())
+        from robolora.controller import control_main
+        result = control_main({str(kitchen[0])!r}, "{REACH}", hz=0, episodes=2, seed=0, switch="schedule",
+                              schedule=[10])
+        assert "torch" not in sys.modules and "robolora.sequencer" in sys.modules
+        print(json.dumps({{k: v for k, v in result.items() if k != "episodes"}}))
+    """)
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["skills"] == ["wipe", "dish_rack"] and result["switch"] == "schedule"
+    assert result["control/switches"] >= 1 and result["control/faults"] == 0
