@@ -24,12 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from robolora.policy import ChunkedActing, Execution, PolicySpec, TensorSpec, chunk_l1_loss
+
+from .common import ProprioAndSkillToken
 
 Batch = Mapping[str, Any]
 CAMERAS = ("front", "wrist")
@@ -233,7 +234,7 @@ class LayerStack(nn.Module):
         return self.norm(x)  # (B, T, D)
 
 
-class ACTPolicy(ChunkedActing, nn.Module):
+class ACTPolicy(ProprioAndSkillToken, ChunkedActing, nn.Module):
     """The policy. Training: ``forward(batch) -> (loss, metrics)``; acting: ``reset()`` + ``select_action(obs)``.
 
     Batches are dicts as produced by ``robolora.data.BCDataset`` (batched): ``rgb_<camera>`` uint8 (B, H, W, 3),
@@ -281,43 +282,6 @@ class ACTPolicy(ChunkedActing, nn.Module):
                   self.query_embed, self.task_embed.weight):
             nn.init.normal_(p, std=0.02)
 
-    # ---- configuration-time state --------------------------------------------------------------------------
-
-    def set_normalization(self, stats: Mapping[str, Any]) -> None:
-        """Write ``proprio_mean`` / ``proprio_std`` (e.g. ``BCDataset.stats``); they travel in the checkpoint."""
-        P = self.config.proprio_dim
-        for key in ("proprio_mean", "proprio_std"):
-            if key not in stats:
-                raise ValueError(f"set_normalization: stats lack {key!r} (have {sorted(stats)}); "
-                                 f"pass BCDataset.stats or a dict with proprio_mean and proprio_std")
-            value = torch.as_tensor(np.asarray(stats[key], dtype=np.float32)) if not torch.is_tensor(stats[key]) \
-                else stats[key].detach().float()
-            if value.shape != (P,) or not torch.isfinite(value).all():
-                raise ValueError(f"set_normalization: {key} must be finite with shape ({P},), "
-                                 f"got shape {tuple(value.shape)}")
-            if key == "proprio_std" and (value <= 0).any():
-                raise ValueError("set_normalization: proprio_std must be > 0; floor it (BCDataset floors at 1e-2)")
-            getattr(self, key).copy_(value)
-
-    def set_skill_token(self, token: nn.Parameter | None) -> None:
-        """Install (or with None remove) the skill token that replaces the task embedding for every sample.
-
-        The token is registered as the parameter ``skill_token``, so it appears in ``parameters()`` and
-        ``state_dict()`` while set. Train it with weight decay 0.
-        """
-        if token is not None:
-            d = self.config.d_model
-            if not isinstance(token, nn.Parameter):
-                raise TypeError(f"set_skill_token expects an nn.Parameter or None, got {type(token).__name__}; "
-                                f"wrap it: nn.Parameter(tensor)")
-            if token.shape != (d,):
-                raise ValueError(f"skill token must have shape ({d},) = (d_model,), got {tuple(token.shape)}")
-            device = self.query_embed.device
-            if token.device != device:
-                raise ValueError(f"skill token is on {token.device} but the policy is on {device}; "
-                                 f"create it there: nn.Parameter(t.to({str(device)!r}))")
-        self.skill_token = token
-
     # ---- the network ---------------------------------------------------------------------------------------
 
     def _encode(self, batch: Batch) -> torch.Tensor:
@@ -337,11 +301,21 @@ class ACTPolicy(ChunkedActing, nn.Module):
             tokens.append(self.stems[cam](x) + image_pos + self.camera_embed[i])  # (B, g*g, D)
         return self.encoder(torch.cat(tokens, dim=1))  # (B, T, D)
 
-    def _raw_chunk(self, batch: Batch) -> torch.Tensor:
-        """Unclamped action chunk (B, K, A)."""
+    def _decode(self, batch: Batch) -> torch.Tensor:
+        """The decoder output for the K action queries (B, K, D)."""
         memory = self._encode(batch)  # (B, T, D)
         queries = self.query_embed.expand(memory.shape[0], -1, -1)  # (B, K, D)
-        return self.action_head(self.decoder(queries, memory))  # (B, K, A)
+        return self.decoder(queries, memory)  # (B, K, D)
+
+    def _raw_chunk(self, batch: Batch) -> torch.Tensor:
+        """Unclamped action chunk (B, K, A)."""
+        return self.action_head(self._decode(batch))  # (B, K, A)
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        """Observation features (B, D) for a skill's completion head (robolora.policy's hook): the mean of the
+        decoder's final-normed output over the K action queries, what the action head reads."""
+        self._check_batch(batch)
+        return self._decode(batch).mean(1)  # (B, D)
 
     def predict_chunk(self, batch: Batch) -> torch.Tensor:
         """Predicted action chunk (B, K, A), clamped to the action space [-1, 1]. Gradients are not disabled."""
@@ -386,7 +360,7 @@ class ACTPolicy(ChunkedActing, nn.Module):
         return PolicySpec(observation={**dict.fromkeys(cfg.image_keys, image), "proprio": proprio},
                           action=TensorSpec((cfg.action_dim,), "float32", -1.0, 1.0), chunk_size=cfg.chunk_size,
                           execution=cfg.execution, task_key="task_id", num_tasks=cfg.num_tasks,
-                          skill_token_dim=cfg.d_model)
+                          skill_token_dim=cfg.d_model, feature_dim=cfg.d_model)
 
     def _set_default_execution(self, execution: Execution) -> None:
         self.config = dataclasses.replace(self.config, **execution.to_dict())  # __post_init__ validates

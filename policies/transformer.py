@@ -20,13 +20,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from robolora.policy import ChunkedActing, Execution, PolicySpec, TensorSpec, chunk_l1_loss
 
+from .common import ProprioAndSkillToken
 from .config import PolicyConfig
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class VisuomotorPolicy(ChunkedActing, nn.Module):
+class VisuomotorPolicy(ProprioAndSkillToken, ChunkedActing, nn.Module):
     """The policy. Training: ``forward(batch) -> (loss, metrics)``; acting: ``reset()`` + ``select_action(obs)``.
 
     Batches are dicts as produced by ``robolora.data.BCDataset`` (batched): ``rgb_<camera>`` uint8 (B, H, W, 3),
@@ -146,46 +146,14 @@ class VisuomotorPolicy(ChunkedActing, nn.Module):
         for p in (self.image_pos, self.action_queries, self.task_embed.weight):
             nn.init.normal_(p, std=0.02)
 
-    # ---- configuration-time state --------------------------------------------------------------------------
-
-    def set_normalization(self, stats: Mapping[str, Any]) -> None:
-        """Write ``proprio_mean`` / ``proprio_std`` (e.g. ``BCDataset.stats``); they travel in the checkpoint."""
-        for key in ("proprio_mean", "proprio_std"):
-            if key not in stats:
-                raise ValueError(f"set_normalization: stats lack {key!r} (have {sorted(stats)}); "
-                                 f"pass BCDataset.stats or a dict with proprio_mean and proprio_std")
-            value = torch.as_tensor(np.asarray(stats[key], dtype=np.float32)) if not torch.is_tensor(stats[key]) \
-                else stats[key].detach().float()
-            if value.shape != (self.config.proprio_dim,) or not torch.isfinite(value).all():
-                raise ValueError(f"set_normalization: {key} must be finite with shape ({self.config.proprio_dim},), "
-                                 f"got shape {tuple(value.shape)}")
-            if key == "proprio_std" and (value <= 0).any():
-                raise ValueError("set_normalization: proprio_std must be > 0; floor it (BCDataset floors at 1e-2)")
-            getattr(self, key).copy_(value)
-
-    def set_skill_token(self, token: nn.Parameter | None) -> None:
-        """Install (or with None remove) the skill token that replaces the task embedding for every sample.
-
-        The token is registered as the parameter ``skill_token``, so it appears in ``parameters()`` and
-        ``state_dict()`` while set. Train it with weight decay 0 (docs/design.md §9.3).
-        """
-        if token is not None:
-            if not isinstance(token, nn.Parameter):
-                raise TypeError(f"set_skill_token expects an nn.Parameter or None, got {type(token).__name__}; "
-                                f"wrap it: nn.Parameter(tensor)")
-            if token.shape != (self.config.d_model,):
-                raise ValueError(f"skill token must have shape ({self.config.d_model},) = (d_model,), "
-                                 f"got {tuple(token.shape)}")
-            device = self.action_queries.device
-            if token.device != device:
-                raise ValueError(f"skill token is on {token.device} but the policy is on {device}; "
-                                 f"create it there: nn.Parameter(t.to({str(device)!r}))")
-        self.skill_token = token
-
     # ---- the network ---------------------------------------------------------------------------------------
 
     def _action_tokens(self, batch: Batch) -> torch.Tensor:
         """Run the transformer; returns the final-normed action-query tokens (B, K, D)."""
+        return self.ln_f(self._encode(batch)[:, -self.config.chunk_size:])  # (B, K, D)
+
+    def _encode(self, batch: Batch) -> torch.Tensor:
+        """The transformer's output over the whole sequence, before the final norm (B, T, D)."""
         cfg = self.config
         proprio = batch["proprio"]
         B = proprio.shape[0]
@@ -206,12 +174,20 @@ class VisuomotorPolicy(ChunkedActing, nn.Module):
         x = torch.cat(tokens, dim=1)  # (B, T, D)
         for block in self.blocks:
             x = block(x)  # (B, T, D)
-        return self.ln_f(x[:, -cfg.chunk_size:])  # (B, K, D)
+        return x
 
     def predict_chunk(self, batch: Batch) -> torch.Tensor:
         """Predicted action chunk (B, K, A), clamped to the action space [-1, 1]. Gradients are not disabled."""
         self._check_batch(batch)
         return self.action_head(self._action_tokens(batch)).clamp(-1.0, 1.0)  # (B, K, A)
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        """Observation features (B, D) for a skill's completion head (robolora.policy's hook): the mean of the
+        final-normed action-query tokens, what the action head reads. Against the pooled whole sequence, the task
+        token and the image tokens as inputs to a completion head on wipe demos: all within 0.006 AUC, this one
+        the best (docs/completion.md)."""
+        self._check_batch(batch)
+        return self._action_tokens(batch).mean(1)  # (B, D)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Behaviour-cloning loss on a batch with ``action`` (B, K, A) and ``action_is_pad`` (B, K).
@@ -254,7 +230,7 @@ class VisuomotorPolicy(ChunkedActing, nn.Module):
         return PolicySpec(observation={**dict.fromkeys(cfg.image_keys, image), "proprio": proprio},
                           action=TensorSpec((cfg.action_dim,), "float32", -1.0, 1.0), chunk_size=cfg.chunk_size,
                           execution=Execution(cfg.n_action_steps, cfg.temporal_ensemble), task_key="task_id",
-                          num_tasks=cfg.num_tasks, skill_token_dim=cfg.d_model)
+                          num_tasks=cfg.num_tasks, skill_token_dim=cfg.d_model, feature_dim=cfg.d_model)
 
     def _set_default_execution(self, execution: Execution) -> None:
         self.config = dataclasses.replace(self.config, **execution.to_dict())  # __post_init__ validates

@@ -5,6 +5,8 @@ per adapted layer, plus the skill's ``skill_token`` (d_model,)) and ``adapter.js
 layers, the base fingerprint it was trained on, training data and metrics). Loading validates everything before
 anything touches a policy: a truncated or corrupt file, a missing or extra tensor, a wrong shape, NaN/Inf values
 or another base's fingerprint are each an error naming the problem; a refused attach leaves the policy as it was.
+A folder may also hold the skill's completion head (``completion.safetensors`` + adapter.json's "completion",
+``robolora.completion``), loaded and validated with the adapter.
 
 PEFT layout (peft >= 0.13): ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight`` /
 ``.lora_B.weight`` and ``adapter_config.json`` (``LoraConfig`` fields). PEFT has no place for a skill token, so it
@@ -33,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from robolora.atomic import atomic_dir
+from robolora.completion import FILE as COMPLETION_FILE
+from robolora.completion import Completion
 from robolora.config import LoRAConfig
 from robolora.inject import inject_lora, lora_layers, remove_adapter, target_shapes
 from robolora.lora_mha import PROJECTIONS, LoRAMultiheadAttention
@@ -47,12 +51,14 @@ WEIGHTS, META = "adapter.safetensors", "adapter.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 SKILL_TOKEN = "skill_token"
-_RESERVED = ("format", "format_version", "skill", "lora", "layers", "skill_token", "base_fingerprint", "parameters")
+_RESERVED = ("format", "format_version", "skill", "lora", "layers", "skill_token", "base_fingerprint", "parameters",
+             "completion")
 
 
 @dataclass
 class SkillAdapter:
-    """One skill in memory: LoRA A/B per layer, the skill token and the metadata of ``adapter.json``."""
+    """One skill in memory: LoRA A/B per layer, the skill token, the metadata of ``adapter.json`` and the optional
+    completion head (its parameters are not in ``num_parameters``: they are not LoRA weights)."""
 
     skill: str
     config: LoRAConfig
@@ -60,6 +66,7 @@ class SkillAdapter:
     skill_token: torch.Tensor | None
     base_fingerprint: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    completion: Completion | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -75,14 +82,19 @@ class SkillAdapter:
 
 
 def save_adapter(adapter: SkillAdapter, path: str | Path) -> Path:
-    """Write ``adapter.safetensors`` + ``adapter.json`` atomically (a folder appears complete or not at all)."""
+    """Write ``adapter.safetensors`` + ``adapter.json`` (+ ``completion.safetensors`` for a head) atomically (a
+    folder appears complete or not at all)."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.tensors().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "skill": adapter.skill,
             "lora": adapter.config.to_dict(), "layers": sorted(adapter.lora), "skill_token": SKILL_TOKEN in tensors,
             "base_fingerprint": adapter.base_fingerprint, "parameters": adapter.num_parameters, **adapter.metadata}
+    if adapter.completion is not None:
+        meta["completion"] = adapter.completion.to_dict()
     text = json.dumps(meta, indent=1, default=str)
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
+        if adapter.completion is not None:
+            save_file(adapter.completion.tensors(), str(tmp / COMPLETION_FILE))
         (tmp / META).write_text(text)
     return Path(path)
 
@@ -153,9 +165,21 @@ def load_adapter(path: str | Path) -> SkillAdapter:
     lora = _pair_tensors(tensors, layers, config.rank, path / WEIGHTS)
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
     fingerprint = _fingerprint(meta.get("base_fingerprint"), path / META)
-    adapter = SkillAdapter(skill, config, lora, token, fingerprint, extra)
+    adapter = SkillAdapter(skill, config, lora, token, fingerprint, extra, _read_completion(path, meta))
     _check_finite(adapter, path)
     return adapter
+
+
+def _read_completion(path: Path, meta: dict[str, Any]) -> Completion | None:
+    """The folder's completion head, validated; None when it has none. The entry and the file come together."""
+    if "completion" not in meta and not (path / COMPLETION_FILE).exists():
+        return None
+    if "completion" not in meta or not (path / COMPLETION_FILE).is_file():
+        have, lacks = (f"a \"completion\" entry in {META}", COMPLETION_FILE) if "completion" in meta else \
+            (COMPLETION_FILE, f"a \"completion\" entry in {META}")
+        raise ValueError(f"{path} holds {have} but not {lacks}; re-copy the adapter folder or retrain the head "
+                         "(robolora train-completion)")
+    return Completion.from_files(meta["completion"], _read_tensors(path / COMPLETION_FILE), path)
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], layers: list[str], rank: int,

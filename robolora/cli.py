@@ -97,7 +97,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     try:
         manifest = collect(env_id, args.episodes, args.out, seed=args.seed, noise=args.noise,
                            workers=args.workers, image_size=args.image_size, cameras=tuple(args.cameras),
-                           progress=bar.update_to)
+                           progress=bar.update_to, post_success=args.post_success)
     finally:
         bar.close()
     emit(args, {"out": str(args.out), "episodes": len(manifest["episodes"]),
@@ -206,6 +206,36 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
         summary["selected_step"] = info["selection"]["step"]
         summary["val_success"] = info["selection"]["success_rate"]
     emit(args, info if args.json else summary)
+    return 0
+
+
+def cmd_train_completion(args: argparse.Namespace) -> int:
+    from robolora.adapters import load_adapter, resolve_adapter, save_adapter
+    from robolora.completion import CompletionConfig, train_completion
+    from robolora.data import load_manifest
+    from robolora.train import resolve_device
+
+    folder = resolve_adapter(resolve_run(args.skill, "adapter", "adapter.json"))
+    out = args.out or folder
+    if out != folder and out.exists() and any(out.iterdir()) and not (out / "adapter.json").is_file():
+        raise ValueError(f"{out} exists and is not an adapter folder; choose a new or empty folder")
+    config = CompletionConfig(hidden=args.hidden, lead=args.lead, steps=args.steps, k=args.k,
+                              timeout_ticks=args.timeout_ticks, seed=args.seed)
+    episodes = sum(len(load_manifest(d)["episodes"]) for d in [*args.data, *(args.test_data or ())])
+    features = Progress(episodes, "features", not args.json)
+    steps = Progress(args.steps, "train-completion", not args.json)
+    try:
+        adapter, m = train_completion(resolve_run(args.base, "policy", "config.json"), load_adapter(folder),
+                                      args.data, config, test_dirs=args.test_data,
+                                      device=str(resolve_device(args.device)), on_episode=features.update_to,
+                                      on_step=steps.update_to)
+    finally:
+        features.close()
+        steps.close()
+    save_adapter(adapter, out)  # a new folder replaces the old one whole: LoRA weights and token as they were
+    c = adapter.completion
+    emit(args, {"skill": adapter.skill, "out": str(out), "threshold": c.threshold, "k": c.k,
+                "timeout_ticks": c.timeout_ticks, **{k.split("/", 1)[1]: v for k, v in m.items()}})
     return 0
 
 
@@ -493,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--image-size", type=int, default=64, help="camera image size in pixels (default 64)")
     p.add_argument("--cameras", nargs="+", default=["front"], help="cameras to record (front, wrist)")
+    p.add_argument("--post-success", type=int, default=0, metavar="N",
+                   help="record N more expert steps after success: positives for a completion head (default 0)")
     _common(p, device=False)
     p.set_defaults(func=cmd_collect)
 
@@ -550,6 +582,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-episodes", type=int, default=0, help="evaluate on N held-out episodes at the end")
     _common(p)
     p.set_defaults(func=cmd_train_skill)
+
+    p = sub.add_parser("train-completion", help="train a skill's completion head (its goal reached?) from demos",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "example (docs/completion.md):\n  robolora collect --task wipe --episodes 200 --post-success"
+                           " 20 --out data/wipe\n  robolora train-completion --skill wipe --data data/wipe"))
+    p.add_argument("--skill", type=Path, required=True,
+                   help="adapter folder (or train-skill run folder) or shipped skill name; the head is written into "
+                        "it unless --out is given")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="demo folders of the skill, best collected with --post-success 20")
+    p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
+    p.add_argument("--out", type=Path, default=None, help="write the adapter with its head here instead")
+    p.add_argument("--test-data", type=Path, nargs="+", default=None,
+                   help="more demo folders, never trained on, to report the head's precision and recall on")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("--hidden", type=int, default=8, help="hidden width of the head, 0 for linear (default 8)")
+    p.add_argument("--lead", type=int, default=0, help="frames before the first success labelled positive too")
+    p.add_argument("--k", type=int, default=3, help="ticks at or above the threshold before switching (default 3)")
+    p.add_argument("--timeout-ticks", type=int, default=None,
+                   help="ticks before the sequencer gives up on the skill (default 1.5 x the longest demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the episode split and training (default 0)")
+    _common(p)
+    p.set_defaults(func=cmd_train_completion)
 
     p = sub.add_parser("eval", help="success rate (95%% interval), episode length and latency over seeded episodes",
                        epilog="example: robolora eval --policy policies/pretrained/base --task reach push")

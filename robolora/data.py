@@ -4,6 +4,10 @@ docs/design.md §5. A dataset is a folder of ``episode_XXXXXX.safetensors`` file
 records the clean expert action as the label (``action``) and the noisy action that was executed
 (``action_exec``), as in DART (Laskey et al., 2017, "DART: Noise Injection for Robust Imitation Learning"), so the
 demos contain the recoveries a policy needs. ``success[t]`` is ``info["success"]`` after executing ``action[t]``.
+
+Episodes end at success, so a demo shows the goal reached in hardly a frame. ``post_success=N`` records N more
+steps of the expert after success (the env run without terminating; the expert's own finish: wipe lifts the sponge
+off, dish_rack retreats from the rack), which a completion head needs as positives (robolora.completion).
 """
 
 from __future__ import annotations
@@ -62,11 +66,12 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 class _EpisodeRunner:
     """Runs seeded expert episodes in one process and writes each to a staging file (used in workers too)."""
 
-    def __init__(self, env_id: str, image_size: int, cameras: tuple[str, ...]) -> None:
+    def __init__(self, env_id: str, image_size: int, cameras: tuple[str, ...], post_success: int = 0) -> None:
         os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is first imported in this process
         from robolora.envs import make, make_expert
 
-        self.env = make(env_id, image_size=image_size, cameras=cameras)
+        self.post_success = int(post_success)
+        self.env = make(env_id, image_size=image_size, cameras=cameras, terminate_on_success=not self.post_success)
         self._make_expert = make_expert
         self.env_id = self.env.spec.id if self.env.spec is not None else env_id
         self.cameras = cameras
@@ -83,7 +88,7 @@ class _EpisodeRunner:
         expert = self._make_expert(self.env, seed=seed)
         expert.reset()
         steps: dict[str, list[np.ndarray]] = {key: [] for key in _episode_keys(self.cameras)}
-        done = False
+        done, extra = False, None  # extra: steps still to record after success (post_success)
         while not done:
             clean = np.asarray(expert.act(), dtype=np.float32)
             executed = np.asarray(expert.perturb(clean, noise), dtype=np.float32)
@@ -94,13 +99,17 @@ class _EpisodeRunner:
             steps["action_exec"].append(executed)
             obs, _, terminated, truncated, info = self.env.step(executed)
             steps["success"].append(np.uint8(bool(info["success"])))
-            done = terminated or truncated
+            if extra is None and info["success"] and self.post_success:
+                extra = self.post_success
+            elif extra is not None:
+                extra -= 1
+            done = terminated or truncated or extra == 0
         return {key: np.stack(values) for key, values in steps.items()}
 
     def collect_one(self, seed: int, noise: float, task: str, stage_dir: str, keep_failed: bool) -> dict[str, Any]:
         arrays = self.run(seed, noise)
         length = int(arrays["action"].shape[0])
-        success = bool(arrays["success"][-1])
+        success = bool(arrays["success"].any())  # without post_success only the last step can be
         result: dict[str, Any] = {"seed": seed, "length": length, "success": success, "staged": None}
         if success or keep_failed:
             metadata = {
@@ -111,6 +120,8 @@ class _EpisodeRunner:
             }
             if self.quiet_phases:
                 metadata["quiet_phases"] = self.quiet_phases
+            if self.post_success:
+                metadata["post_success"] = str(self.post_success)
             staged = Path(stage_dir) / f".staged_seed{seed}.tmp-{os.getpid()}"
             save_file(arrays, str(staged), metadata=metadata)
             result["staged"] = str(staged)
@@ -120,11 +131,11 @@ class _EpisodeRunner:
 _WORKER_RUNNER: _EpisodeRunner | None = None
 
 
-def _init_worker(env_id: str, image_size: int, cameras: tuple[str, ...]) -> None:
+def _init_worker(env_id: str, image_size: int, cameras: tuple[str, ...], post_success: int) -> None:
     global _WORKER_RUNNER
     os.environ.setdefault("MUJOCO_GL", "egl")
     torch.set_num_threads(1)
-    _WORKER_RUNNER = _EpisodeRunner(env_id, image_size, cameras)
+    _WORKER_RUNNER = _EpisodeRunner(env_id, image_size, cameras, post_success)
 
 
 def _worker_collect_one(seed: int, noise: float, task: str, stage_dir: str, keep_failed: bool) -> dict[str, Any]:
@@ -132,7 +143,7 @@ def _worker_collect_one(seed: int, noise: float, task: str, stage_dir: str, keep
     return _WORKER_RUNNER.collect_one(seed, noise, task, stage_dir, keep_failed)
 
 
-def _valid_episode_seed(path: Path, expected: dict[str, str]) -> int | None:
+def _valid_episode_seed(path: Path, expected: dict[str, str | None]) -> int | None:
     """Seed of a complete, uncorrupted episode file collected with ``expected`` settings; None if unusable.
 
     Raises ValueError when the file is intact but was collected with other settings (mixing would corrupt data).
@@ -166,6 +177,7 @@ def collect(
     cameras: tuple[str, ...] = ("front",),
     only_successful: bool = True,
     progress: Callable[[int], None] | None = None,
+    post_success: int = 0,
 ) -> dict[str, Any]:
     """Collect ``episodes`` scripted-expert demos of ``env_id`` (a task name or gym id) into ``out_dir``.
 
@@ -176,7 +188,8 @@ def collect(
     of them. ``noise`` None uses the expert's default. ``workers`` > 1
     runs episodes in separate processes (forkserver or spawn: a calling script needs the usual
     ``if __name__ == "__main__":`` guard); the result does not depend on it. ``progress(n)`` is called with the
-    number of finished episodes. Returns the manifest written to ``out_dir/manifest.json``.
+    number of finished episodes. ``post_success=N`` records N more expert steps after the first success (module
+    docstring; fewer when the time limit comes first). Returns the manifest written to ``out_dir/manifest.json``.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -184,10 +197,13 @@ def collect(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
+    if isinstance(post_success, bool) or not isinstance(post_success, int) or post_success < 0:
+        raise ValueError(f"post_success must be an int >= 0 (expert steps recorded after success), got "
+                         f"{post_success!r}")
     cameras = tuple(cameras)
     from robolora.envs import TASKS
 
-    runner = _EpisodeRunner(env_id, image_size, cameras)
+    runner = _EpisodeRunner(env_id, image_size, cameras, post_success)
     task = {gym_id: name for name, gym_id in TASKS.items()}.get(runner.env_id, runner.env_id)
     noise = runner.default_noise if noise is None else float(noise)
     if not 0.0 <= noise <= 1.0:
@@ -211,10 +227,11 @@ def collect(
         logger.info("collect %s: %s already holds %d episodes (> %d asked for); keeping all of them", runner.env_id,
                     out, held, episodes)
         episodes = held
-    expected = {"env_id": runner.env_id, "noise": repr(noise), "image_size": str(image_size),
-                "cameras": ",".join(cameras)}
+    expected: dict[str, str | None] = {"env_id": runner.env_id, "noise": repr(noise), "image_size": str(image_size),
+                                       "cameras": ",".join(cameras)}
     if runner.quiet_phases:
         expected["quiet_phases"] = runner.quiet_phases
+    expected["post_success"] = str(post_success) if post_success else None  # None: files that record none
     slots: dict[int, int] = {}
     for index in range(episodes):
         path = out / episode_filename(index)
@@ -235,8 +252,8 @@ def collect(
                         progress, runner.env_id)
         else:
             context = _worker_context()
-            with ProcessPoolExecutor(workers, mp_context=context,
-                                     initializer=_init_worker, initargs=(runner.env_id, image_size, cameras)) as pool:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(runner.env_id, image_size, cameras, post_success)) as pool:
                 _fill_slots(pool, _worker_collect_one, workers, missing, candidates, args, out, slots, failed,
                             progress, runner.env_id)
     finally:
@@ -340,14 +357,15 @@ def _build_manifest(out: Path, runner: _EpisodeRunner, task: str, seed: int, noi
         proprio.append(tensors["obs.proprio"].astype(np.float64))
         action.append(tensors["action"].astype(np.float64))
         entries.append({"file": episode_filename(index), "seed": slots[index], "length": len(tensors["action"]),
-                        "success": bool(tensors["success"][-1])})
+                        "success": bool(tensors["success"].any())})
     proprio_all, action_all = np.concatenate(proprio), np.concatenate(action)
     successes = sum(entry["success"] for entry in entries)
     return {
         "format_version": FORMAT_VERSION, "env_id": runner.env_id, "task": task, "image_size": image_size,
         "cameras": list(cameras), "seed": seed, "noise": noise, "expert": runner.expert_name,
         "quiet_phases": runner.quiet_phases.split(",") if runner.quiet_phases else [],
-        "only_successful": only_successful, "episodes": entries, "failed_seeds": sorted(failed),
+        "only_successful": only_successful, "post_success": runner.post_success, "episodes": entries,
+        "failed_seeds": sorted(failed),
         "success_rate": successes / (len(entries) + len(failed)),
         "stats": {
             "proprio_mean": proprio_all.mean(0).tolist(), "proprio_std": proprio_all.std(0).tolist(),

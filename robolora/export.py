@@ -6,7 +6,10 @@ atomically (a temporary sibling folder renamed into place):
 
 - ``policy.onnx``: ``predict_chunk`` on the raw observation tensors, as the policy's ``spec`` describes them (for
   robolora's policies ``rgb_<camera>`` uint8 (B, S, S, 3), ``proprio`` float32 (B, P), and for a base policy
-  without a skill ``task_id`` int64 (B,)) -> ``actions`` (B, K, A); the batch dimension is dynamic.
+  without a skill ``task_id`` int64 (B,)) -> ``actions`` (B, K, A); the batch dimension is dynamic. A skill whose
+  adapter carries a completion head (``robolora.completion``) has a second output ``done`` (B,): the head's
+  probability on ``policy.features``, sigmoid inside the graph; policy.json then records ``"outputs"`` and
+  ``"completion"`` (threshold, k, timeout_ticks, output name) for the controller's sequencer.
   Normalisation is inside the graph. Any policy following robolora's policy protocol exports (``robolora.policy``);
   saved checkpoints record their policy kind, so ``load_merged_policy`` rebuilds the right class.
 - ``policy.pt2``: the same program through ``torch.export`` (``torch.export.load`` reads it back).
@@ -23,11 +26,11 @@ order, the allowed transitions and every file's sha256 (docs/controller.md).
 
 Parity: on fixed probe observations (batch 1 and 5) the ONNX graph (through the controller's onnxruntime session),
 the ``.pt2`` program and the reloaded ``model.safetensors`` are compared with the merged torch model, and the merged
-model with the unmerged one (base + active adapter); any max abs difference above ``tolerance`` (5e-5 per link,
-fp32) fails the export with ``ExportParityError`` and nothing is written. The shipped dish_rack adapter (rank 2 on
-every Linear) measures up to 2.4e-5 per link on the random probe observations: fp32 rounding, merged or unmerged,
-onnxruntime's kernels or torch's. 5e-5 action units is 1 micrometre of hand motion per step; a real export fault
-(a wrong op, a lost skill token) shows up as 1e-2 or more.
+model with the unmerged one (base + active adapter), for every output; any max abs difference above ``tolerance``
+(5e-5 per link, fp32) fails the export with ``ExportParityError`` and nothing is written. The shipped dish_rack
+adapter (rank 2 on every Linear) measures up to 2.4e-5 per link on the random probe observations: fp32 rounding,
+merged or unmerged, onnxruntime's kernels or torch's. 5e-5 action units is 1 micrometre of hand motion per step;
+a real export fault (a wrong op, a lost skill token) shows up as 1e-2 or more.
 
 ONNX uses torch's TorchScript exporter (``dynamo=False``): the dynamo exporter needs ``onnxscript``, which the
 ``export`` extra does not install.
@@ -55,6 +58,7 @@ from torch import nn
 import robolora
 from robolora.adapters import SkillAdapter, attach_active, load_adapter, resolve_adapter
 from robolora.atomic import replace_dir
+from robolora.completion import CompletionHead
 from robolora.controller import (BUNDLE_FILES, FORMAT, FORMAT_VERSION, ONNX_FILE, OUTPUT_NAME, PT2_FILE, SPEC_FILE,
                                  TASK_INPUT, WEIGHTS_FILE, load_bundle, sha256_file)
 from robolora.controller import INDEX_FILE, SKILLS_DIR, SKILLS_FORMAT, SKILLS_FORMAT_VERSION
@@ -69,6 +73,7 @@ STOP_ACTION = (0.0, 0.0, 0.0, 1.0)  # no end-effector motion, gripper open (the 
 HOLD_LAST = (False, False, False, True)  # on a fault the gripper keeps its last command
 ONNX_OPSET = 17
 PROBE_BATCHES = (1, 5)
+COMPLETION_OUTPUT = "done"
 PARITY_TOLERANCE = 5e-5  # max abs difference per link of the parity chain (module docstring)
 
 
@@ -77,23 +82,32 @@ class ExportParityError(RuntimeError):
 
 
 class ExportModule(nn.Module):
-    """``policy.predict_chunk`` with positional raw-observation inputs: the function that is exported."""
+    """``policy.predict_chunk`` with positional raw-observation inputs: the function that is exported. With a
+    completion head it also returns the head's probability on ``policy.features`` (``output_names``)."""
 
-    def __init__(self, policy: nn.Module, task_id: int | None = None) -> None:
+    def __init__(self, policy: nn.Module, task_id: int | None = None, completion: CompletionHead | None = None) -> None:
         super().__init__()
         self.policy = policy
-        self.spec: PolicySpec = check_policy(policy)
+        self.spec: PolicySpec = check_policy(policy, features=completion is not None)
+        if completion is not None and completion.feature_dim != self.spec.feature_dim:
+            raise ValueError(f"the completion head reads {completion.feature_dim} features but the policy's "
+                             f"features(batch) gives {self.spec.feature_dim}; train the head on this base")
+        self.completion = completion
+        self.output_names = (OUTPUT_NAME,) + (() if completion is None else (COMPLETION_OUTPUT,))
         self.task_key = self.spec.task_key
         self.takes_task = self.task_key is not None and getattr(policy, "skill_token", None) is None \
             and task_id is None
         self.register_buffer("baked_task", torch.tensor(task_id or 0, dtype=torch.long))
         self.input_names = tuple(self.spec.observation) + ((self.task_key,) if self.takes_task else ())
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         batch = dict(zip(self.input_names, inputs))
         if self.task_key is not None and not self.takes_task:  # (B,); ignored under a skill
             batch[self.task_key] = self.baked_task.expand(inputs[0].shape[0])
-        return self.policy.predict_chunk(batch)  # (B, K, A)
+        actions = self.policy.predict_chunk(batch)  # (B, K, A)
+        if self.completion is None:
+            return actions
+        return actions, self.completion.probability(self.policy.features(batch))  # (B, K, A), (B,)
 
 
 def probe_inputs(policy: nn.Module, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -143,7 +157,9 @@ def export_bundle(
         raise RuntimeError(f"LoRA modules remain after strip_lora: {leftover[:5]} (robolora.inject bug)")
     if task_id is not None and not 0 <= task_id < spec.num_tasks:
         raise ValueError(f"task_id={task_id} outside [0, {spec.num_tasks}) of the base policy")
-    module = ExportModule(policy, task_id).eval()
+    completion = None if adapter is None else adapter.completion
+    head = None if completion is None else copy.deepcopy(completion.head).eval().requires_grad_(False)
+    module = ExportModule(policy, task_id, head).eval()
     skill_name = None if adapter is None else adapter.skill
     env_id = env_id or _default_env(skill_name, task_id)
 
@@ -255,6 +271,10 @@ def load_merged_policy(bundle: str | Path) -> nn.Module:
     return policy.eval()
 
 
+def _outputs(value: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
 def _write_programs(module: ExportModule, policy: nn.Module, out: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in policy.state_dict().items()}, str(out / WEIGHTS_FILE),
               metadata={"format": "pt", "robolora": FORMAT})
@@ -267,8 +287,8 @@ def _write_programs(module: ExportModule, policy: nn.Module, out: Path) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(module, args, str(out / ONNX_FILE), input_names=list(module.input_names),
-                          output_names=[OUTPUT_NAME], opset_version=ONNX_OPSET, dynamo=False,
-                          dynamic_axes={n: {0: "batch"} for n in (*module.input_names, OUTPUT_NAME)})
+                          output_names=list(module.output_names), opset_version=ONNX_OPSET, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in (*module.input_names, *module.output_names)})
         program = torch.export.export(module, args, dynamic_shapes=(tuple({0: batch} for _ in args),))
     torch.export.save(program, str(out / PT2_FILE))
 
@@ -289,34 +309,40 @@ def _parity(module: ExportModule, unmerged: nn.Module | None, bundle: Path, tole
     controller = load_bundle(bundle)
     program = torch.export.load(str(bundle / PT2_FILE)).module()
     known = type(module.policy) in {cls for _, cls in POLICY_KINDS.values()}  # else no class to rebuild it from
-    reloaded = ExportModule(load_merged_policy(bundle), None if module.takes_task else int(module.baked_task)) \
-        if known else None
+    baked = None if module.takes_task else int(module.baked_task)
+    reloaded = ExportModule(load_merged_policy(bundle), baked, module.completion) if known else None
+    names = module.output_names
     diffs: dict[str, float] = {}
+
+    def record(key: str, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
+        for name, x, y in zip(names, a, b):  # "actions" keeps the single-output report's keys
+            label = key if name == OUTPUT_NAME else f"{name}/{key}"
+            diffs[label] = max(diffs.get(label, 0.0), (x - y).abs().max().item())
+
     for size in PROBE_BATCHES:
         probe = probe_inputs(module.policy, size, seed=size)
         args = tuple(probe[k] for k in module.input_names)
         with torch.no_grad():
-            merged = module(*args)
-            outputs = {"onnx": torch.from_numpy(controller.predict_chunk({k: a.numpy() for k, a in
-                                                                           zip(module.input_names, args)})),
-                       "pt2": program(*args)}
+            merged = _outputs(module(*args))
+            feeds = {k: a.numpy() for k, a in zip(module.input_names, args)}
+            onnx = [controller.predict_chunk(feeds)]
+            if module.completion is not None:
+                onnx += controller.session.run([COMPLETION_OUTPUT], feeds)
+            outputs = {"onnx": tuple(torch.from_numpy(o) for o in onnx), "pt2": _outputs(program(*args))}
             if reloaded is not None:
-                outputs["safetensors"] = reloaded(*args)
+                outputs["safetensors"] = _outputs(reloaded(*args))
             if unmerged is not None:
-                outputs["unmerged"] = ExportModule(unmerged, None if module.takes_task else
-                                                   int(module.baked_task)).eval()(*args)
+                outputs["unmerged"] = _outputs(ExportModule(unmerged, baked, module.completion).eval()(*args))
         for name, out in outputs.items():
-            key = f"{name}_vs_merged"
-            diffs[key] = max(diffs.get(key, 0.0), (out - merged).abs().max().item())
+            record(f"{name}_vs_merged", out, merged)
         if unmerged is not None:
-            diffs["onnx_vs_unmerged"] = max(diffs.get("onnx_vs_unmerged", 0.0),
-                                            (outputs["onnx"] - outputs["unmerged"]).abs().max().item())
+            record("onnx_vs_unmerged", outputs["onnx"], outputs["unmerged"])
     # Each link of the chain bundle -> merged -> unmerged must be within the tolerance; the end-to-end difference
     # is two fp32 roundings apart, so by the triangle inequality it is held to twice the tolerance (the shipped
     # dish_rack adapter measured onnx-vs-merged 2.0e-5 and merged-vs-unmerged 2.4e-5, end to end 4.4e-5).
-    links = {k: v for k, v in diffs.items() if k != "onnx_vs_unmerged"}
+    links = {k: v for k, v in diffs.items() if not k.endswith("onnx_vs_unmerged")}
     worst = max(links.values())
-    end_to_end = diffs.get("onnx_vs_unmerged", 0.0)
+    end_to_end = max([v for k, v in diffs.items() if k.endswith("onnx_vs_unmerged")], default=0.0)
     if not (worst <= tolerance and end_to_end <= 2 * tolerance):
         raise ExportParityError(f"export parity failed: max abs diff {max(worst, end_to_end):.3e} over tolerance "
                                 f"{tolerance:.0e} per link ({diffs}); the exported program does not compute what the "
@@ -352,6 +378,7 @@ def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: st
         "task": {"input": module.takes_task, "baked": task_id, "num_tasks": spec.num_tasks},
         "inputs": list(module.input_names),
         "output": {"name": OUTPUT_NAME, "shape": ["batch", spec.chunk_size, action_dim], "dtype": "float32"},
+        **_completion_spec(module, adapter),
         "observation": observation,
         "action": {"shape": [action_dim], "dtype": "float32", "low": low, "high": high,
                    "stop": list(STOP_ACTION), "hold_last": list(HOLD_LAST)},
@@ -363,6 +390,20 @@ def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: st
         "exported_with": {"robolora": robolora.__version__, "torch": torch.__version__,
                           "onnxruntime": __import__("onnxruntime").__version__},
     }
+
+
+def _completion_spec(module: ExportModule, adapter: SkillAdapter | None) -> dict[str, Any]:
+    """policy.json's "outputs" and "completion" for a skill with a completion head; nothing without one."""
+    if adapter is None or adapter.completion is None:
+        return {}
+    c = adapter.completion
+    validation = c.info.get("validation", {})
+    return {"outputs": [{"name": OUTPUT_NAME, "shape": ["batch", module.spec.chunk_size, module.spec.action_dim],
+                         "dtype": "float32"},
+                        {"name": COMPLETION_OUTPUT, "shape": ["batch"], "dtype": "float32"}],
+            "completion": {"threshold": c.threshold, "k": c.k, "timeout_ticks": c.timeout_ticks,
+                           "output": COMPLETION_OUTPUT, "parameters": c.head.num_parameters,
+                           "validation": {k: validation[k] for k in ("precision", "recall") if k in validation}}}
 
 
 def _policy_class(policy: nn.Module) -> dict[str, Any]:

@@ -10,7 +10,7 @@ A policy is an ``nn.Module`` that
 - gives training a loss: ``forward(batch) -> (loss, {"train/...": float})`` on batches that also hold ``action``
   (B, K, A) and ``action_is_pad`` (B, K). A policy without one can be trained with ``chunk_l1_loss``.
 
-Two hooks are optional and explicit, never private attributes that robolora writes:
+Three hooks are optional and explicit, never private attributes that robolora writes:
 
 - skill conditioning: a policy whose ``spec.skill_token_dim`` is set has ``set_skill_token(nn.Parameter | None)``;
   the token (shape ``(skill_token_dim,)``) replaces its task conditioning while set. robolora trains one per skill
@@ -18,6 +18,9 @@ Two hooks are optional and explicit, never private attributes that robolora writ
 - acting: ``select_action(obs)``. Chunk execution (``n_action_steps``, temporal ensembling) is robolora's own
   ``ChunkExecutor``; ``ChunkedActing`` gives a policy ``select_action``/``set_execution`` on top of it, and the
   SkillManager keeps one executor per skill of its own.
+- observation features: a policy whose ``spec.feature_dim`` is set has ``features(batch) -> (B, feature_dim)``, its
+  own pooled summary of the observation under the current weights and skill (robolora never needs its gradient).
+  A skill's completion head reads them (``robolora.completion``); ``predict_chunk`` must not change for it.
 
 Everything robolora builds inputs for (probes on attach, export, the controller) reads ``spec``, never one policy
 class's config.
@@ -128,6 +131,7 @@ class PolicySpec:
         task_key: name of an optional int64 task-id input (multi-task policies), else None.
         num_tasks: values the task id may take (0 without a task input).
         skill_token_dim: length of the skill token the policy accepts through ``set_skill_token``, or None.
+        feature_dim: F of the observation features the policy returns from ``features(batch)`` (B, F), or None.
     """
 
     observation: Mapping[str, TensorSpec]
@@ -137,6 +141,7 @@ class PolicySpec:
     task_key: str | None = None
     num_tasks: int = 0
     skill_token_dim: int | None = None
+    feature_dim: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "observation", dict(self.observation))
@@ -150,6 +155,9 @@ class PolicySpec:
         if (self.task_key is None) != (self.num_tasks == 0):
             raise ValueError(f"PolicySpec: task_key={self.task_key!r} and num_tasks={self.num_tasks} disagree; "
                              "give both (a multi-task policy) or neither")
+        f = self.feature_dim
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
+            raise ValueError(f"PolicySpec.feature_dim must be None or an int >= 1, got {f!r}")
 
     @property
     def action_dim(self) -> int:
@@ -211,7 +219,7 @@ class PolicySpec:
     def to_dict(self) -> dict[str, Any]:
         return {"observation": {k: s.to_dict() for k, s in self.observation.items()}, "action": self.action.to_dict(),
                 "chunk_size": self.chunk_size, "execution": self.execution.to_dict(), "task_key": self.task_key,
-                "num_tasks": self.num_tasks, "skill_token_dim": self.skill_token_dim}
+                "num_tasks": self.num_tasks, "skill_token_dim": self.skill_token_dim, "feature_dim": self.feature_dim}
 
 
 @runtime_checkable
@@ -228,10 +236,10 @@ class Policy(Protocol):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-def check_policy(policy: Any, *, skill_token: bool = False) -> PolicySpec:
+def check_policy(policy: Any, *, skill_token: bool = False, features: bool = False) -> PolicySpec:
     """Raise a TypeError naming what is missing unless ``policy`` follows the protocol; returns its spec.
 
-    ``skill_token=True`` also requires the skill-conditioning hook.
+    ``skill_token=True`` also requires the skill-conditioning hook, ``features=True`` the observation-features hook.
     """
     missing = [m for m in ("spec", "predict_chunk", "reset") if not callable(getattr(type(policy), m, None))
                and not hasattr(type(policy), m)]
@@ -247,6 +255,9 @@ def check_policy(policy: Any, *, skill_token: bool = False) -> PolicySpec:
     if skill_token and (spec.skill_token_dim is None or not callable(getattr(policy, "set_skill_token", None))):
         raise TypeError(f"{type(policy).__name__} has no skill-conditioning hook (spec.skill_token_dim and "
                         "set_skill_token); train the skill without a skill token (skill_token=False)")
+    if features and (spec.feature_dim is None or not callable(getattr(policy, "features", None))):
+        raise TypeError(f"{type(policy).__name__} has no observation-features hook (spec.feature_dim and "
+                        "features(batch) -> (B, feature_dim)), which a completion head reads; see docs/policy.md")
     return spec
 
 
