@@ -1,16 +1,22 @@
-"""Multi-skill rollouts: chain skill adapters through the two-stage kitchen, switching between control ticks.
+"""Multi-skill rollouts: chain skill adapters through a multi-stage env, switching between control ticks.
 
 docs/design.md §1 ("base + adapters -> SkillManager -> control loop / rollouts (switch skills between ticks)") and §4,
-issue 6 (``robolora rollout --skills wipe,dish_rack``). Skill ``i`` drives stage ``i`` of ``robolora/Kitchen-v0``
-(skill order = stage order). The switch to the next skill happens between ticks, either when the env reports the
-current stage's success (``switch="success"``: the skill that acts at the tick after the success signal is the
-next one) or at fixed ticks (``switch="schedule"``). Every switch is ``activate(name)`` followed by
-``apply_pending()``, timed together, so the reported switch latency is all the time a switch takes outside a step;
-applying a switch also drops the old skill's queued actions (``SkillManager`` resets the policy).
+issue 6 (``robolora rollout --skills wipe,dish_rack``), issue 19 (any env, learned completion). Skill ``i`` drives
+stage ``i`` (skill order = stage order) of ``robolora/Kitchen-v0`` or any env whose info reports ``stage_success``
+(one flag per stage). The switch to the next skill happens between ticks, either when the env reports the current
+stage's success (``switch="success"``, the oracle: the skill that acts at the tick after the success signal is the
+next one), at fixed ticks (``switch="schedule"``), or on the skill's own completion head
+(``switch="learned"``, ``robolora.completion``: after the tick whose observation made its probability stay at or
+above its threshold for k ticks, as the torch-free controller's sequencer does; with this switch the env need not
+report stages). Every switch is ``activate(name)`` followed by ``apply_pending()``, timed together, so the reported
+switch latency is all the time a switch takes outside a step; applying a switch also drops the old skill's queued
+actions (``SkillManager`` resets the policy).
 
 Reported: overall and per-stage success rates with 95% Wilson intervals, mean episode length, switch latency
-p50/p99/max (microseconds), policy step latency p50/p99/max (milliseconds, the ``select_action`` call alone) and
-per-episode records; optionally the first episode as a video with the active skill's name drawn on each frame.
+p50/p99/max (microseconds), policy step latency p50/p99/max (milliseconds, the ``select_action`` call alone; with
+``switch="learned"`` the completion head's features pass is timed apart) and per-episode records (with the learned
+switch: switches decided before the stage had succeeded, as ``premature``); optionally the first episode as a video
+with the active skill's name drawn on each frame.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from robolora.stats import EVAL_SEED
 __all__ = ["KITCHEN_ENV_ID", "parse_skills", "resolve_skill", "rollout", "rollout_main", "rollout_rows"]
 
 KITCHEN_ENV_ID = "robolora/Kitchen-v0"
-Switch = Literal["success", "schedule"]
-SWITCHES: tuple[str, ...] = ("success", "schedule")
+Switch = Literal["success", "schedule", "learned"]
+SWITCHES: tuple[str, ...] = ("success", "schedule", "learned")
 
 
 def shipped_skills_dir() -> Path:
@@ -54,24 +60,38 @@ def resolve_skill(skill: str | Path) -> Path:
     return resolve_adapter(skill)
 
 
-def _attach_skills(manager: Any, skills: Sequence[str | Path]) -> list[str]:
-    """Names of the skills in stage order: already attached names are used as they are, others are loaded."""
-    names = []
+def _attach_skills(manager: Any, skills: Sequence[str | Path], heads: bool = False) -> tuple[list[str], list[Any]]:
+    """Names of the skills in stage order (already attached names are used as they are, others are loaded) and,
+    with ``heads``, each skill's completion head (``robolora.completion.Completion``; read from the adapter folder,
+    so every skill must be given as a folder or shipped name, not only attached)."""
+    names, completions = [], []
     for skill in skills:
         if isinstance(skill, str) and skill in manager.skills:
+            if heads:
+                raise ValueError(f"skill {skill!r} is already attached to the manager; pass its adapter folder (or "
+                                 f"shipped name) so its completion head can be read")
             names.append(skill)
+            completions.append(None)
             continue
-        name = manager.load(resolve_skill(skill)).skill
-        names.append(name)
+        from robolora.adapters import load_adapter
+
+        adapter = load_adapter(resolve_skill(skill))
+        manager.attach(adapter.skill, adapter)
+        names.append(adapter.skill)
+        completions.append(adapter.completion)
     if len(set(names)) != len(names):
         raise ValueError(f"skills {names} repeat a name; each stage needs its own skill")
-    return names
+    lacking = [n for n, c in zip(names[:-1], completions) if c is None]
+    if heads and lacking:
+        raise ValueError(f"switch='learned' needs a completion head on every skill that hands over; {lacking} have "
+                         f"none: train one (robolora.completion) or switch on success or a schedule")
+    return names, completions
 
 
 def _check_schedule(switch: str, schedule_ticks: Sequence[int] | None, n_skills: int) -> list[int]:
     if switch not in SWITCHES:
         raise ValueError(f"switch={switch!r} is invalid; use one of {list(SWITCHES)}")
-    if switch == "success":
+    if switch != "schedule":
         if schedule_ticks is not None:
             raise ValueError("schedule_ticks is only used with switch='schedule'")
         return []
@@ -104,15 +124,18 @@ def rollout(
     video_path: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
     env: gym.Env | None = None,
+    env_id: str = KITCHEN_ENV_ID,
 ) -> dict[str, Any]:
-    """Run ``episodes`` seeded kitchen episodes, skill ``i`` driving stage ``i``; return metrics.
+    """Run ``episodes`` seeded episodes of a multi-stage env, skill ``i`` driving stage ``i``; return metrics.
 
     ``policy_or_manager``: a ``VisuomotorPolicy`` (wrapped in a ``SkillManager(policy, mode)`` that is closed at
     the end, handing the policy back as it was) or a ``SkillManager`` (used as is; ``mode`` is then ignored).
     ``skills``: names already attached to the manager, adapter folders, or shipped skill names
     (``policies/pretrained/skills/<name>``). ``switch="schedule"`` needs ``schedule_ticks``: for each next skill,
-    the tick (0-based env step) at which it acts first. ``env``: an env with ``info["stage_success"]`` to run
-    instead of ``robolora/Kitchen-v0`` made to the policy's image size and cameras. ``progress(n_done)`` after
+    the tick (0-based env step) at which it acts first; ``switch="learned"`` needs a completion head on every
+    skill but the last (skills given as adapter folders or shipped names). ``env``: an env to run instead of
+    making ``env_id`` (default the kitchen) to the policy's image size and cameras; it reports
+    ``info["stage_success"]`` (one flag per skill) unless ``switch="learned"``. ``progress(n_done)`` after
     each episode. Keys: ``rollout/success_rate``, ``rollout/ci_low``, ``rollout/ci_high``,
     ``rollout/stage<i>/<skill>/success_rate`` (and ``ci_low``, ``ci_high``), ``rollout/mean_length``,
     ``rollout/switch_us_p50|p99|max``, ``rollout/latency_ms_p50|p99|max``, ``rollout/episodes``,
@@ -133,16 +156,16 @@ def rollout(
         manager = policy_or_manager
     owns_env = env is None
     try:
-        names = _attach_skills(manager, skills)
+        names, heads = _attach_skills(manager, skills, heads=switch == "learned")
         if env is None:
             from robolora.envs import make
 
             config = manager.policy.config
-            env = make(KITCHEN_ENV_ID, image_size=config.image_size, cameras=tuple(config.cameras),
+            env = make(env_id, image_size=config.image_size, cameras=tuple(config.cameras),
                        render_mode="rgb_array" if video_path is not None else None)
         if video_path is not None and env.render_mode != "rgb_array":
             raise ValueError(f"video_path needs an env made with render_mode='rgb_array' (got {env.render_mode!r})")
-        return _run(manager, env, names, episodes, seed, switch, ticks, video_path, progress)
+        return _run(manager, env, names, episodes, seed, switch, ticks, video_path, progress, heads)
     finally:
         if owns_env and env is not None:
             env.close()
@@ -153,14 +176,19 @@ def rollout(
 class _SkillSequence:
     """Which skill acts in an episode: the first from its start, each next one from the tick the switch rule picks.
 
-    ``on_reset`` and ``on_step`` are the episode runner's hooks; every switch (``activate`` + ``apply_pending``) is
-    timed into ``switch_s``.
+    ``act`` (the active skill's action, then with ``switch="learned"`` its completion signal on the same
+    observation), ``on_reset`` and ``on_step`` are the episode runner's hooks; every switch (``activate`` +
+    ``apply_pending``) is timed into ``switch_s``, the completion head's pass into ``head_s``.
     """
 
-    def __init__(self, manager: Any, names: list[str], switch: str, ticks: list[int]) -> None:
-        self.manager, self.names, self.switch, self.ticks = manager, names, switch, ticks
+    def __init__(self, manager: Any, names: list[str], switch: str, ticks: list[int], heads: list[Any]) -> None:
+        self.manager, self.names, self.switch, self.ticks, self.heads = manager, names, switch, ticks, heads
         self.switch_s: list[float] = []
+        self.head_s: list[float] = []
         self.current = 0
+        self.streak = 0
+        self.fired = False
+        self.has_stages = False
         self.stage_done = np.zeros(len(names), dtype=bool)
 
     def _activate(self, index: int) -> None:
@@ -168,27 +196,60 @@ class _SkillSequence:
         self.manager.activate(self.names[index])
         self.manager.apply_pending()
         self.switch_s.append(time.perf_counter() - t0)
-        self.current = index
+        self.current, self.streak, self.fired = index, 0, False
+
+    def act(self, obs: Any) -> np.ndarray:
+        action = self.manager.select_action(obs)
+        if self.switch == "learned" and self.current < len(self.names) - 1:
+            self.fired = self._completed(obs)
+            if self.fired and self.has_stages and not self.stage_done[self.current]:
+                self.episode.fields["premature"] += 1
+        return action
+
+    def _completed(self, obs: Any) -> bool:
+        """Whether the active skill's head has now been at or above its threshold for k ticks."""
+        import torch
+
+        from robolora.policy import policy_device
+
+        t0 = time.perf_counter()
+        completion = self.heads[self.current]
+        policy = self.manager.policy
+        batch, _ = self.manager.spec.batch(obs, policy_device(policy))
+        with torch.no_grad():
+            probability = float(completion.head.probability(policy.features(batch))[0])
+        self.head_s.append(time.perf_counter() - t0)
+        self.streak = self.streak + 1 if probability >= completion.threshold else 0
+        return self.streak >= completion.k
 
     def on_reset(self, episodes: list[Episode], info: dict[str, Any]) -> None:
         n_stages = len(info.get("stage_success", ()))
-        if n_stages != len(self.names):
+        self.has_stages = n_stages > 0
+        if n_stages != len(self.names) and (self.has_stages or self.switch != "learned"):
             raise ValueError(f"the env has {n_stages} stages (info['stage_success']) but {len(self.names)} skills "
                              f"were given ({self.names}); give one skill per stage, in stage order")
-        self.stage_done = np.zeros(n_stages, dtype=bool)
-        episodes[0].fields.update(stage_success=self.stage_done.tolist(), switch_ticks=[])
+        self.stage_done = np.zeros(len(self.names), dtype=bool)
+        self.episode = episodes[0]
+        self.episode.fields.update(switch_ticks=[])
+        if self.has_stages:
+            self.episode.fields.update(stage_success=self.stage_done.tolist())
+        if self.switch == "learned":
+            self.episode.fields.update(premature=0)
         self._activate(0)
         self.manager.reset()
 
     def on_step(self, tick: Tick) -> None:
-        episode, stage_success = tick.episodes[0], tick.info["stage_success"]
-        self.stage_done |= np.asarray(stage_success, dtype=bool)
-        episode.fields["stage_success"] = self.stage_done.tolist()
+        episode, stage_success = tick.episodes[0], tick.info.get("stage_success")
+        if self.has_stages:
+            self.stage_done |= np.asarray(stage_success, dtype=bool)
+            episode.fields["stage_success"] = self.stage_done.tolist()
         # the switch lands between this tick and the next: the next skill computes tick `episode.length`'s action
         if self.switch == "success":
             target = self.current
             while target < len(self.names) - 1 and stage_success[target]:
                 target += 1
+        elif self.switch == "learned":
+            target = self.current + int(self.fired)
         else:
             due = self.current < len(self.ticks) and episode.length >= self.ticks[self.current]
             target = self.current + int(due)
@@ -202,15 +263,19 @@ class _SkillSequence:
 
 
 def _run(manager: Any, env: gym.Env, names: list[str], episodes: int, seed: int, switch: str, ticks: list[int],
-         video_path: str | Path | None, progress: Callable[[int], None] | None) -> dict[str, Any]:
-    skills = _SkillSequence(manager, names, switch, ticks)
-    run = play_episodes(env, manager.select_action, episodes, seed=seed, on_reset=skills.on_reset,
+         video_path: str | Path | None, progress: Callable[[int], None] | None, heads: list[Any]) -> dict[str, Any]:
+    skills = _SkillSequence(manager, names, switch, ticks, heads)
+    run = play_episodes(env, skills.act, episodes, seed=seed, on_reset=skills.on_reset,
                         on_step=skills.on_step, progress=progress,
                         render=None if video_path is None else lambda: skills.labelled(env.render()))
     metrics: dict[str, Any] = run.metrics("rollout")
-    for stage, name in enumerate(names):
-        stage_wins = sum(e["stage_success"][stage] for e in run.episodes)
-        metrics |= rate_metrics(f"rollout/stage{stage}/{name}", stage_wins, len(run.episodes))
+    if all("stage_success" in e for e in run.episodes):
+        for stage, name in enumerate(names):
+            stage_wins = sum(e["stage_success"][stage] for e in run.episodes)
+            metrics |= rate_metrics(f"rollout/stage{stage}/{name}", stage_wins, len(run.episodes))
+    if switch == "learned":
+        metrics |= {"rollout/premature_switches": sum(e.get("premature", 0) for e in run.episodes),
+                    **timing_metrics("rollout/completion", skills.head_s, "ms")}
     metrics |= {
         **timing_metrics("rollout/switch", skills.switch_s, "us"),
         **timing_metrics("rollout/latency", run.act_s, "ms"),
@@ -226,12 +291,13 @@ def _run(manager: Any, env: gym.Env, names: list[str], episodes: int, seed: int,
 
 
 def rollout_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One table row per stage plus the overall row, for the CLI."""
+    """One table row per stage (when the env reports stages) plus the overall row, for the CLI."""
     rows = []
     for stage, name in enumerate(metrics["skills"]):
         key = f"rollout/stage{stage}/{name}"
-        rows.append({"stage": f"{stage + 1}: {name}", "success": metrics[f"{key}/success_rate"],
-                     "ci95": f"[{metrics[f'{key}/ci_low']:.2f}, {metrics[f'{key}/ci_high']:.2f}]"})
+        if f"{key}/success_rate" in metrics:
+            rows.append({"stage": f"{stage + 1}: {name}", "success": metrics[f"{key}/success_rate"],
+                         "ci95": f"[{metrics[f'{key}/ci_low']:.2f}, {metrics[f'{key}/ci_high']:.2f}]"})
     rows.append({"stage": "overall", "success": metrics["rollout/success_rate"],
                  "ci95": f"[{metrics['rollout/ci_low']:.2f}, {metrics['rollout/ci_high']:.2f}]"})
     return rows
@@ -249,10 +315,13 @@ def rollout_main(
     video_path: str | Path | None = None,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    env_id: str = KITCHEN_ENV_ID,
 ) -> dict[str, Any]:
     """``robolora rollout``: load the base policy from ``base`` onto ``device``, attach ``skills``
-    (``"wipe,dish_rack"``, names or adapter folders) in a ``SkillManager(mode)`` and run :func:`rollout`."""
+    (``"wipe,dish_rack"``, names or adapter folders) in a ``SkillManager(mode)`` and run :func:`rollout` on
+    ``env_id``."""
     from robolora.policies import load_policy
 
     policy = load_policy(base, device=device).eval()
-    return rollout(policy, skills, episodes, seed, switch, schedule_ticks, mode, video_path, progress)
+    return rollout(policy, skills, episodes, seed, switch, schedule_ticks, mode, video_path, progress,
+                   env_id=env_id)

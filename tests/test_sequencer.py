@@ -230,3 +230,32 @@ def test_control_cli_errors_name_the_fix(plain, tmp_path, capsys):
     with pytest.raises(BundleError):
         load_bundle(tampered)
 
+
+def test_torch_rollout_and_controller_switch_on_the_same_learned_tick(tmp_path):
+    """A trained-style completion head (robolora.completion) travels from the adapter folder into the bundle's
+    "done" output; the torch rollout and the torch-free sequencer switch at the same tick and count the same
+    premature switch (the head is sure from the first tick, the stage succeeds at step 10)."""
+    import dataclasses
+
+    import torch
+
+    from robolora.adapters import load_adapter, save_adapter
+    from robolora.completion import Completion, CompletionHead
+    from robolora.rollout import rollout
+
+    wipe, dish = two_skills(tmp_path)
+    head = CompletionHead(32, hidden=0)
+    with torch.no_grad():
+        head.fc2.weight.zero_()
+        head.fc2.bias.fill_(3.0)  # probability 0.95 whatever it sees
+    save_adapter(dataclasses.replace(load_adapter(wipe), completion=Completion(head, 0.5, k=3, timeout_ticks=50)),
+                 wipe)
+    export_skills(tiny(), [wipe, dish], tmp_path / "bundle", env_id=REACH)
+    staged = lambda: StagedEnv(lambda seed, t: 0.5, stage0_at=10, length=12)  # noqa: E731
+    torch_side = rollout(tiny(), [wipe, dish], episodes=1, seed=0, switch="learned", env=staged())
+    controller = load_bundle(tmp_path / "bundle")
+    assert controller.skill_spec("wipe").completion.k == 3 and controller.skill_spec("dish_rack").completion is None
+    deployed = run_episodes(staged(), controller, episodes=1, seed=0, sequencer=Sequencer(controller))
+    assert torch_side["episodes"][0]["switch_ticks"] == deployed["episodes"][0]["switch_ticks"] == [3]
+    assert torch_side["rollout/premature_switches"] == deployed["control/premature_switches"] == 1
+    assert torch_side["rollout/completion_ms_p50"] > 0
