@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robolora.policy import ChunkedActing, Execution, PolicySpec, TensorSpec, chunk_l1_loss
+from robolora.policy import ChunkedActing, Execution, chunk_l1_loss
 
-from .common import ProprioAndSkillToken
+from .common import CameraProprioPolicy
 
 Batch = Mapping[str, Any]
 CAMERAS = ("front", "wrist")
@@ -234,7 +234,7 @@ class LayerStack(nn.Module):
         return self.norm(x)  # (B, T, D)
 
 
-class ACTPolicy(ProprioAndSkillToken, ChunkedActing, nn.Module):
+class ACTPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
     """The policy. Training: ``forward(batch) -> (loss, metrics)``; acting: ``reset()`` + ``select_action(obs)``.
 
     Batches are dicts as produced by ``robolora.data.BCDataset`` (batched): ``rgb_<camera>`` uint8 (B, H, W, 3),
@@ -328,39 +328,3 @@ class ACTPolicy(ProprioAndSkillToken, ChunkedActing, nn.Module):
         self._check_batch(batch, training=True)
         return chunk_l1_loss(self._raw_chunk(batch), batch)
 
-    def _check_batch(self, batch: Batch, training: bool = False) -> None:
-        cfg = self.config
-        need = (*cfg.image_keys, "proprio") + (("action", "action_is_pad") if training else ())
-        missing = [k for k in need if k not in batch]
-        if self.skill_token is None and "task_id" not in batch:
-            missing.append("task_id")
-        if missing:
-            raise KeyError(f"batch lacks {missing} (has {sorted(batch)}); ACTPolicy needs {list(need)} "
-                           f"and task_id unless a skill token is set")
-        for key in cfg.image_keys:
-            shape = tuple(batch[key].shape)
-            if len(shape) != 4 or shape[1:] != (cfg.image_size, cfg.image_size, 3):
-                raise ValueError(f"batch[{key!r}] must be (B, {cfg.image_size}, {cfg.image_size}, 3) uint8, got "
-                                 f"{shape}; make the env with image_size={cfg.image_size}")
-        if tuple(batch["proprio"].shape[1:]) != (cfg.proprio_dim,):
-            raise ValueError(f"batch['proprio'] must be (B, {cfg.proprio_dim}), got {tuple(batch['proprio'].shape)}")
-        if training and tuple(batch["action"].shape[1:]) != (cfg.chunk_size, cfg.action_dim):
-            raise ValueError(f"batch['action'] must be (B, {cfg.chunk_size}, {cfg.action_dim}), got "
-                             f"{tuple(batch['action'].shape)}; build the dataset with chunk_size={cfg.chunk_size}")
-
-    # ---- the protocol (robolora.policy) --------------------------------------------------------------------
-
-    @property
-    def spec(self) -> PolicySpec:
-        """Observation/action spaces, chunk length, default execution, task input and skill-token size."""
-        cfg = self.config
-        image = TensorSpec((cfg.image_size, cfg.image_size, 3), "uint8", 0, 255)
-        proprio = TensorSpec((cfg.proprio_dim,), "float32", mean=self.proprio_mean.tolist(),
-                             std=self.proprio_std.tolist())
-        return PolicySpec(observation={**dict.fromkeys(cfg.image_keys, image), "proprio": proprio},
-                          action=TensorSpec((cfg.action_dim,), "float32", -1.0, 1.0), chunk_size=cfg.chunk_size,
-                          execution=cfg.execution, task_key="task_id", num_tasks=cfg.num_tasks,
-                          skill_token_dim=cfg.d_model, feature_dim=cfg.d_model)
-
-    def _set_default_execution(self, execution: Execution) -> None:
-        self.config = dataclasses.replace(self.config, **execution.to_dict())  # __post_init__ validates

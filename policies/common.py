@@ -1,19 +1,60 @@
-"""What robolora's two policies share: proprio normalisation statistics and the skill-token hook
-(docs/policy.md "Two optional hooks"). Mixed into ``VisuomotorPolicy`` and ``ACTPolicy``, which both keep
-``proprio_mean``/``proprio_std`` buffers and a ``config`` with ``proprio_dim`` and ``d_model``."""
+"""What robolora's two policies share: both read ``rgb_<camera>`` images, ``proprio`` and a task id, and act in
+[-1, 1]. The mixin gives them their protocol ``spec``, the batch checks, proprio normalisation statistics and the
+skill-token hook (docs/policy.md). ``VisuomotorPolicy`` and ``ACTPolicy`` both keep ``proprio_mean``/
+``proprio_std`` buffers and a ``config`` with image_size, image_keys, proprio_dim, action_dim, chunk_size,
+n_action_steps, temporal_ensemble, num_tasks and d_model."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
 
+from robolora.policy import Execution, PolicySpec, TensorSpec
 
-class ProprioAndSkillToken:
-    """``set_normalization(stats)`` and ``set_skill_token(token)`` for a policy module (see the module docstring)."""
+
+class CameraProprioPolicy:
+    """``spec``, batch checks, ``set_normalization`` and ``set_skill_token`` (see the module docstring)."""
+
+    @property
+    def spec(self) -> PolicySpec:
+        """Observation/action spaces, chunk length, default execution, task input, skill-token and feature sizes."""
+        cfg = self.config  # type: ignore[attr-defined]
+        image = TensorSpec((cfg.image_size, cfg.image_size, 3), "uint8", 0, 255)
+        proprio = TensorSpec((cfg.proprio_dim,), "float32", mean=self.proprio_mean.tolist(),  # type: ignore[attr-defined]
+                             std=self.proprio_std.tolist())  # type: ignore[attr-defined]
+        return PolicySpec(observation={**dict.fromkeys(cfg.image_keys, image), "proprio": proprio},
+                          action=TensorSpec((cfg.action_dim,), "float32", -1.0, 1.0), chunk_size=cfg.chunk_size,
+                          execution=Execution(cfg.n_action_steps, cfg.temporal_ensemble), task_key="task_id",
+                          num_tasks=cfg.num_tasks, skill_token_dim=cfg.d_model, feature_dim=cfg.d_model)
+
+    def _set_default_execution(self, execution: Execution) -> None:
+        self.config = dataclasses.replace(self.config, **execution.to_dict())  # __post_init__ validates
+
+    def _check_batch(self, batch: Mapping[str, Any], training: bool = False) -> None:
+        cfg = self.config  # type: ignore[attr-defined]
+        need = (*cfg.image_keys, "proprio") + (("action", "action_is_pad") if training else ())
+        missing = [k for k in need if k not in batch]
+        if self.skill_token is None and "task_id" not in batch:  # type: ignore[attr-defined]
+            missing.append("task_id")
+        if missing:
+            raise KeyError(f"batch lacks {missing} (has {sorted(batch)}); the policy needs {list(need)} "
+                           f"and task_id unless a skill token is set")
+        for key in cfg.image_keys:
+            shape = tuple(batch[key].shape)
+            if len(shape) != 4 or shape[1:] != (cfg.image_size, cfg.image_size, 3):
+                raise ValueError(f"batch[{key!r}] must be (B, {cfg.image_size}, {cfg.image_size}, 3) uint8, got "
+                                 f"{shape}; make the env with image_size={cfg.image_size}")
+        if tuple(batch["proprio"].shape[1:]) != (cfg.proprio_dim,):
+            raise ValueError(f"batch['proprio'] must be (B, {cfg.proprio_dim}), got {tuple(batch['proprio'].shape)}")
+        if training and tuple(batch["action"].shape[1:]) != (cfg.chunk_size, cfg.action_dim):
+            raise ValueError(f"batch['action'] must be (B, {cfg.chunk_size}, {cfg.action_dim}), got "
+                             f"{tuple(batch['action'].shape)}; build the dataset with chunk_size={cfg.chunk_size}")
 
     def set_normalization(self, stats: Mapping[str, Any]) -> None:
         """Write ``proprio_mean`` / ``proprio_std`` (e.g. ``BCDataset.stats``); they travel in the checkpoint."""

@@ -14,7 +14,6 @@ replaces the task embedding for every sample (docs/design.md §3 and §9.3).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -24,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robolora.policy import ChunkedActing, Execution, PolicySpec, TensorSpec, chunk_l1_loss
+from robolora.policy import ChunkedActing, chunk_l1_loss
 
-from .common import ProprioAndSkillToken
+from .common import CameraProprioPolicy
 from .config import PolicyConfig
 
 logger = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class VisuomotorPolicy(ProprioAndSkillToken, ChunkedActing, nn.Module):
+class VisuomotorPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
     """The policy. Training: ``forward(batch) -> (loss, metrics)``; acting: ``reset()`` + ``select_action(obs)``.
 
     Batches are dicts as produced by ``robolora.data.BCDataset`` (batched): ``rgb_<camera>`` uint8 (B, H, W, 3),
@@ -199,40 +198,4 @@ class VisuomotorPolicy(ProprioAndSkillToken, ChunkedActing, nn.Module):
         """
         self._check_batch(batch, training=True)
         return chunk_l1_loss(self.action_head(self._action_tokens(batch)), batch)  # (B, K, A) before the clamp
-
-    def _check_batch(self, batch: Batch, training: bool = False) -> None:
-        cfg = self.config
-        need = (*cfg.image_keys, "proprio") + (("action", "action_is_pad") if training else ())
-        missing = [k for k in need if k not in batch]
-        if self.skill_token is None and "task_id" not in batch:
-            missing.append("task_id")
-        if missing:
-            raise KeyError(f"batch lacks {missing} (has {sorted(batch)}); the policy needs {list(need)} "
-                           f"and task_id unless a skill token is set")
-        for key in cfg.image_keys:
-            shape = tuple(batch[key].shape)
-            if len(shape) != 4 or shape[1:] != (cfg.image_size, cfg.image_size, 3):
-                raise ValueError(f"batch[{key!r}] must be (B, {cfg.image_size}, {cfg.image_size}, 3) uint8, got "
-                                 f"{shape}; make the env with image_size={cfg.image_size}")
-        if training and tuple(batch["action"].shape[1:]) != (cfg.chunk_size, cfg.action_dim):
-            raise ValueError(f"batch['action'] must be (B, {cfg.chunk_size}, {cfg.action_dim}), got "
-                             f"{tuple(batch['action'].shape)}; build the dataset with chunk_size={cfg.chunk_size}")
-
-    # ---- the protocol (robolora.policy) --------------------------------------------------------------------
-
-    @property
-    def spec(self) -> PolicySpec:
-        """Observation/action spaces, chunk length, default execution, task input and skill-token size."""
-        cfg = self.config
-        image = TensorSpec((cfg.image_size, cfg.image_size, 3), "uint8", 0, 255)
-        proprio = TensorSpec((cfg.proprio_dim,), "float32", mean=self.proprio_mean.tolist(),
-                             std=self.proprio_std.tolist())
-        return PolicySpec(observation={**dict.fromkeys(cfg.image_keys, image), "proprio": proprio},
-                          action=TensorSpec((cfg.action_dim,), "float32", -1.0, 1.0), chunk_size=cfg.chunk_size,
-                          execution=Execution(cfg.n_action_steps, cfg.temporal_ensemble), task_key="task_id",
-                          num_tasks=cfg.num_tasks, skill_token_dim=cfg.d_model, feature_dim=cfg.d_model)
-
-    def _set_default_execution(self, execution: Execution) -> None:
-        self.config = dataclasses.replace(self.config, **execution.to_dict())  # __post_init__ validates
-
 
