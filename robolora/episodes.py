@@ -1,4 +1,4 @@
-"""The episode runner behind every evaluation loop (DESIGN.md §5): seeded episodes, success, Wilson intervals,
+"""The episode runner behind every evaluation loop (docs/design.md §5): seeded episodes, success, Wilson intervals,
 latency percentiles, video frames.
 
 ``evaluate`` (batched policies on Gymnasium vector envs), ``rollout`` (skill switching between ticks) and the
