@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from robolora.policy import ChunkedActing, Execution, chunk_l1_loss
 
 from .common import CameraProprioPolicy
+from .config import check_shared_fields
 
 Batch = Mapping[str, Any]
-CAMERAS = ("front", "wrist")
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, n_heads=2, n_encoder_layers=2, n_decoder_layers=1, stem_width=8, dropout=0.0),
@@ -84,30 +84,9 @@ class ACTConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if isinstance(self.cameras, str) or not isinstance(self.cameras, (tuple, list)):
-            raise ValueError(f"ACTConfig.cameras must be a tuple of camera names, got {self.cameras!r}")
-        object.__setattr__(self, "cameras", tuple(self.cameras))
-        if not self.cameras or len(set(self.cameras)) != len(self.cameras):
-            raise ValueError(f"ACTConfig.cameras must be non-empty without repeats, got {self.cameras!r}")
-        unknown = [c for c in self.cameras if c not in CAMERAS]
-        if unknown:
-            raise ValueError(f"ACTConfig.cameras has unknown camera(s) {unknown}; valid: {list(CAMERAS)}")
-        for name, low in (("image_size", 8), ("proprio_dim", 1), ("action_dim", 1), ("num_tasks", 1),
-                          ("d_model", 8), ("n_heads", 1), ("n_encoder_layers", 1), ("n_decoder_layers", 1),
-                          ("chunk_size", 1), ("n_action_steps", 1), ("patch_grid", 1), ("stem_width", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"ACTConfig.{name} must be an int >= {low}, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"ACTConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if not (isinstance(self.mlp_ratio, (int, float)) and 0 < self.mlp_ratio <= 16):
-            raise ValueError(f"ACTConfig.mlp_ratio must be in (0, 16], got {self.mlp_ratio!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"ACTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        ratio, rest = divmod(self.image_size, self.patch_grid)
-        if rest or ratio < 2 or ratio & (ratio - 1):
-            raise ValueError(f"ACTConfig.image_size / patch_grid must be a power of two >= 2 (the stem halves the "
-                             f"image per conv), got {self.image_size} / {self.patch_grid}")
+        check_shared_fields(self, (("image_size", 8), ("proprio_dim", 1), ("action_dim", 1), ("num_tasks", 1),
+                                   ("d_model", 8), ("n_heads", 1), ("n_encoder_layers", 1), ("n_decoder_layers", 1),
+                                   ("chunk_size", 1), ("n_action_steps", 1), ("patch_grid", 1), ("stem_width", 1)))
         try:
             self.execution.check(self.chunk_size)
         except ValueError as err:

@@ -26,9 +26,33 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"PolicyConfig.{name} must be an int >= {low}, got {value!r}")
+def check_shared_fields(config: Any, int_fields: tuple[tuple[str, int], ...]) -> None:
+    """The validation both policy configs share (``PolicyConfig``, ``ACTConfig``): cameras, integer sizes (each
+    ``(name, lowest value)``), heads dividing d_model, mlp_ratio, dropout and the stem's image / grid ratio.
+    Messages name the class, the field, the bad value and the valid range."""
+    cls = type(config).__name__
+    if isinstance(config.cameras, str) or not isinstance(config.cameras, (tuple, list)):
+        raise ValueError(f"{cls}.cameras must be a tuple of camera names, got {config.cameras!r}")
+    object.__setattr__(config, "cameras", tuple(config.cameras))
+    if not config.cameras or len(set(config.cameras)) != len(config.cameras):
+        raise ValueError(f"{cls}.cameras must be non-empty without repeats, got {config.cameras!r}")
+    unknown = [c for c in config.cameras if c not in CAMERAS]
+    if unknown:
+        raise ValueError(f"{cls}.cameras has unknown camera(s) {unknown}; valid: {list(CAMERAS)}")
+    for name, low in int_fields:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{cls}.{name} must be an int >= {low}, got {value!r}")
+    if config.d_model % config.n_heads:
+        raise ValueError(f"{cls}.d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
+    if not (isinstance(config.mlp_ratio, (int, float)) and 0 < config.mlp_ratio <= 16):
+        raise ValueError(f"{cls}.mlp_ratio must be in (0, 16], got {config.mlp_ratio!r}")
+    if not (isinstance(config.dropout, (int, float)) and 0.0 <= config.dropout < 1.0):
+        raise ValueError(f"{cls}.dropout must be in [0, 1), got {config.dropout!r}")
+    ratio, rest = divmod(config.image_size, config.patch_grid)
+    if rest or ratio < 2 or ratio & (ratio - 1):
+        raise ValueError(f"{cls}.image_size / patch_grid must be a power of two >= 2 (the stem halves the image "
+                         f"per conv), got {config.image_size} / {config.patch_grid}")
 
 
 @dataclass(frozen=True)
@@ -71,22 +95,9 @@ class PolicyConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.cameras, str) or not isinstance(self.cameras, (tuple, list)):
-            raise ValueError(f"PolicyConfig.cameras must be a tuple of camera names, got {self.cameras!r}")
-        object.__setattr__(self, "cameras", tuple(self.cameras))
-        if not self.cameras or len(set(self.cameras)) != len(self.cameras):
-            raise ValueError(f"PolicyConfig.cameras must be non-empty without repeats, got {self.cameras!r}")
-        unknown = [c for c in self.cameras if c not in CAMERAS]
-        if unknown:
-            raise ValueError(f"PolicyConfig.cameras has unknown camera(s) {unknown}; valid: {list(CAMERAS)}")
-        for name, low in (("image_size", 8), ("proprio_dim", 1), ("action_dim", 1), ("num_tasks", 1),
-                          ("d_model", 8), ("n_layers", 1), ("n_heads", 1), ("chunk_size", 1),
-                          ("n_action_steps", 1), ("patch_grid", 1), ("stem_width", 1)):
-            _check_int(name, getattr(self, name), low)
-        if self.d_model % self.n_heads:
-            raise ValueError(f"PolicyConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if not (isinstance(self.mlp_ratio, (int, float)) and 0 < self.mlp_ratio <= 16):
-            raise ValueError(f"PolicyConfig.mlp_ratio must be in (0, 16], got {self.mlp_ratio!r}")
+        check_shared_fields(self, (("image_size", 8), ("proprio_dim", 1), ("action_dim", 1), ("num_tasks", 1),
+                                   ("d_model", 8), ("n_layers", 1), ("n_heads", 1), ("chunk_size", 1),
+                                   ("n_action_steps", 1), ("patch_grid", 1), ("stem_width", 1)))
         if not self.n_action_steps <= self.chunk_size:
             raise ValueError(f"PolicyConfig.n_action_steps={self.n_action_steps} must be in "
                              f"[1, chunk_size={self.chunk_size}]")
@@ -97,12 +108,6 @@ class PolicyConfig:
             if self.n_action_steps != 1:
                 raise ValueError(f"PolicyConfig.temporal_ensemble={m} re-queries every step, so it needs "
                                  f"n_action_steps=1 (got {self.n_action_steps}); pass n_action_steps=1")
-        ratio, rest = divmod(self.image_size, self.patch_grid)
-        if rest or ratio < 2 or ratio & (ratio - 1):
-            raise ValueError(f"PolicyConfig.image_size / patch_grid must be a power of two >= 2 "
-                             f"(the stem halves the image per conv), got {self.image_size} / {self.patch_grid}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"PolicyConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     # ---- derived sizes -------------------------------------------------------------------------------------
 
