@@ -240,25 +240,6 @@ def test_select_action_single_requeries_every_n_action_steps(policy: ACTPolicy) 
     np.testing.assert_allclose(np.stack(actions[:4]), chunk[:4].numpy(), atol=1e-6)
 
 
-def test_select_action_batched_matches_single_and_resets_per_element(policy: ACTPolicy) -> None:
-    calls = CountingPredict(policy)
-    obs = make_obs(batch_size=3)
-    obs["task_id"] = np.array([0, 1, 4])
-    single = []
-    for i in range(3):
-        policy.reset()
-        single.append(policy.select_action({k: v[i] for k, v in obs.items()}))
-    policy.reset()
-    calls.sizes.clear()
-    first = policy.select_action(obs)
-    assert first.shape == (3, A)
-    np.testing.assert_allclose(first, np.stack(single), atol=1e-5)
-    policy.select_action(obs)
-    policy.reset([1])  # env 1 finished its episode: only it re-queries next step
-    policy.select_action(obs)
-    assert calls.sizes == [3, 1]
-
-
 def test_temporal_ensembling_through_set_execution(policy: ACTPolicy) -> None:
     m = 0.5
     policy.set_execution(n_action_steps=1, temporal_ensemble=m)

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from robolora.policies import PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy, save_policy
+from robolora.policies import (ACTConfig, ACTPolicy, PolicyConfig, VisuomotorPolicy, base_fingerprint, load_policy,
+                               save_policy)
 
 K, A, P = 8, 4, 10
 
@@ -240,7 +241,11 @@ def test_set_execution_changes_requery_period_not_weights(policy: VisuomotorPoli
     assert policy.config.temporal_ensemble is None and base_fingerprint(policy) == fingerprint
 
 
-def test_select_action_batched_and_per_element_reset(policy: VisuomotorPolicy) -> None:
+@pytest.mark.parametrize("policy_cls", ["visuomotor", "act"])
+def test_select_action_batched_and_per_element_reset(policy_cls: str) -> None:
+    # the acting mixin (robolora.policy.ChunkedActing) both policies share
+    torch.manual_seed(0)
+    policy = (VisuomotorPolicy(tiny()) if policy_cls == "visuomotor" else ACTPolicy(ACTConfig.preset("tiny"))).eval()
     calls = CountingPredict(policy)
     obs = make_obs(policy.config, batch_size=3)
     obs["task_id"] = np.array([0, 1, 4])
