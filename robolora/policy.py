@@ -241,8 +241,7 @@ def check_policy(policy: Any, *, skill_token: bool = False, features: bool = Fal
 
     ``skill_token=True`` also requires the skill-conditioning hook, ``features=True`` the observation-features hook.
     """
-    missing = [m for m in ("spec", "predict_chunk", "reset") if not callable(getattr(type(policy), m, None))
-               and not hasattr(type(policy), m)]
+    missing = [m for m in ("spec", "predict_chunk", "reset") if not hasattr(type(policy), m)]
     if not isinstance(policy, nn.Module):
         missing.insert(0, "nn.Module base class")
     if missing:

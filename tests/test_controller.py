@@ -236,23 +236,29 @@ def test_fixed_rate_loop_keeps_time_and_counts_misses(skill):
     assert rushed["control/deadline_misses"] >= 45, "1 us deadlines cannot be met"
 
 
-def test_runs_in_a_process_where_torch_cannot_be_imported(skill):
-    code = textwrap.dedent(f"""
+def run_without_torch(body: str) -> dict:
+    """Run ``body`` (which sets ``result``, a control metrics dict) in a fresh interpreter where importing torch
+    fails, and return ``result`` without its per-episode list."""
+    code = textwrap.dedent("""
         import importlib.abc, json, sys
         class NoTorch(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
                 if name == "torch" or name.startswith("torch."):
                     raise ImportError("torch is not installed on this controller")
         sys.meta_path.insert(0, NoTorch())
-        from robolora.controller import control_main
-        result = control_main({str(skill[0])!r}, "{REACH}", hz=0, episodes=2, seed=0)
-        assert "torch" not in sys.modules
-        print(json.dumps({{k: v for k, v in result.items() if k != "episodes"}}))
-    """)
+    """) + textwrap.dedent(body) + '\nprint(json.dumps({k: v for k, v in result.items() if k != "episodes"}))\n'
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_runs_in_a_process_where_torch_cannot_be_imported(skill):
+    result = run_without_torch(f"""
+        from robolora.controller import control_main
+        result = control_main({str(skill[0])!r}, "{REACH}", hz=0, episodes=2, seed=0)
+        assert "torch" not in sys.modules
+    """)
     assert result["control/episodes"] == 2 and result["control/faults"] == 0
     assert result["control/ticks"] >= 2 and result["skill"] == "wipe"
 
@@ -432,22 +438,11 @@ def test_multi_skill_export_refuses_bad_input_and_writes_nothing(kitchen, tmp_pa
 
 
 def test_multi_skill_bundle_runs_in_a_process_where_torch_cannot_be_imported(kitchen):
-    code = textwrap.dedent(f"""
-        import importlib.abc, json, sys
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is not installed on this controller")
-        sys.meta_path.insert(0, NoTorch())
+    result = run_without_torch(f"""
         from robolora.controller import control_main
         result = control_main({str(kitchen[0])!r}, "{REACH}", hz=0, episodes=2, seed=0, switch="schedule",
                               schedule=[10])
         assert "torch" not in sys.modules and "robolora.sequencer" in sys.modules
-        print(json.dumps({{k: v for k, v in result.items() if k != "episodes"}}))
     """)
-    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["skills"] == ["wipe", "dish_rack"] and result["switch"] == "schedule"
     assert result["control/switches"] >= 1 and result["control/faults"] == 0
