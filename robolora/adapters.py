@@ -6,7 +6,10 @@ layers, the base fingerprint it was trained on, training data and metrics). Load
 anything touches a policy: a truncated or corrupt file, a missing or extra tensor, a wrong shape, NaN/Inf values
 or another base's fingerprint are each an error naming the problem; a refused attach leaves the policy as it was.
 A folder may also hold the skill's completion head (``completion.safetensors`` + adapter.json's "completion",
-``robolora.completion``), loaded and validated with the adapter.
+``robolora.completion``), loaded and validated with the adapter, and its residual action head
+(``residual.safetensors`` + adapter.json's "residual", ``robolora.residual``), installed through the policy's
+``set_action_residual`` hook whenever the skill is made active (:func:`attach_active`) and removed by :func:`detach`
+and :func:`deactivate`.
 
 PEFT layout (peft >= 0.13): ``adapter_model.safetensors`` with ``base_model.model.<layer>.lora_A.weight`` /
 ``.lora_B.weight`` and ``adapter_config.json`` (``LoraConfig`` fields). PEFT has no place for a skill token, so it
@@ -18,12 +21,14 @@ with the same rank): :func:`to_peft` packs robolora's ``P.q``/``P.k``/``P.v``/``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import logging
 import math
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +47,9 @@ from robolora.inject import inject_lora, lora_layers, remove_adapter, target_sha
 from robolora.lora_mha import PROJECTIONS, LoRAMultiheadAttention
 from robolora.policies import base_fingerprint
 from robolora.policies.checkpoint import SHIPPED_DIR, resolve_shipped
+from robolora.residual import FILE as RESIDUAL_FILE
+from robolora.residual import ResidualHead
+from robolora.policy import Execution, PolicySpec, check_policy
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +60,15 @@ PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 SKILL_TOKEN = "skill_token"
 _RESERVED = ("format", "format_version", "skill", "lora", "layers", "skill_token", "base_fingerprint", "parameters",
-             "completion")
+             "completion", "residual")
 
 
 @dataclass
 class SkillAdapter:
-    """One skill in memory: LoRA A/B per layer, the skill token, the metadata of ``adapter.json`` and the optional
-    completion head (its parameters are not in ``num_parameters``: they are not LoRA weights)."""
+    """One skill in memory: LoRA A/B per layer, the skill token, the metadata of ``adapter.json``, the optional
+    completion head and the optional residual action head (``robolora.residual``, trained by RL). The heads'
+    parameters are not in ``num_parameters`` (they are not LoRA weights); ``skill_parameters`` counts everything the
+    skill adds to the base, which the 2% budget bounds (``robolora.completion.BUDGET_PERCENT``)."""
 
     skill: str
     config: LoRAConfig
@@ -67,6 +77,7 @@ class SkillAdapter:
     base_fingerprint: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
     completion: Completion | None = None
+    residual: ResidualHead | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -80,21 +91,35 @@ class SkillAdapter:
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.tensors().values())
 
+    @property
+    def residual_parameters(self) -> int:
+        return 0 if self.residual is None else self.residual.num_parameters()
+
+    @property
+    def skill_parameters(self) -> int:
+        """LoRA weights + skill token + residual head + completion head: what the skill adds to the base."""
+        head = 0 if self.completion is None else self.completion.head.num_parameters
+        return self.num_parameters + self.residual_parameters + head
+
 
 def save_adapter(adapter: SkillAdapter, path: str | Path) -> Path:
-    """Write ``adapter.safetensors`` + ``adapter.json`` (+ ``completion.safetensors`` for a head) atomically (a
-    folder appears complete or not at all)."""
+    """Write ``adapter.safetensors`` + ``adapter.json`` (+ ``completion.safetensors`` and ``residual.safetensors``
+    for the heads it carries) atomically (a folder appears complete or not at all)."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.tensors().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "skill": adapter.skill,
             "lora": adapter.config.to_dict(), "layers": sorted(adapter.lora), "skill_token": SKILL_TOKEN in tensors,
             "base_fingerprint": adapter.base_fingerprint, "parameters": adapter.num_parameters, **adapter.metadata}
     if adapter.completion is not None:
         meta["completion"] = adapter.completion.to_dict()
+    if adapter.residual is not None:
+        meta["residual"] = adapter.residual.to_dict()
     text = json.dumps(meta, indent=1, default=str)
     with atomic_dir(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         if adapter.completion is not None:
             save_file(adapter.completion.tensors(), str(tmp / COMPLETION_FILE))
+        if adapter.residual is not None:
+            save_file(adapter.residual.tensors(), str(tmp / RESIDUAL_FILE))
         (tmp / META).write_text(text)
     return Path(path)
 
@@ -165,7 +190,8 @@ def load_adapter(path: str | Path) -> SkillAdapter:
     lora = _pair_tensors(tensors, layers, config.rank, path / WEIGHTS)
     extra = {k: v for k, v in meta.items() if k not in _RESERVED}
     fingerprint = _fingerprint(meta.get("base_fingerprint"), path / META)
-    adapter = SkillAdapter(skill, config, lora, token, fingerprint, extra, _read_completion(path, meta))
+    adapter = SkillAdapter(skill, config, lora, token, fingerprint, extra, _read_completion(path, meta),
+                           _read_residual(path, meta))
     _check_finite(adapter, path)
     return adapter
 
@@ -180,6 +206,21 @@ def _read_completion(path: Path, meta: dict[str, Any]) -> Completion | None:
         raise ValueError(f"{path} holds {have} but not {lacks}; re-copy the adapter folder or retrain the head "
                          "(robolora train-completion)")
     return Completion.from_files(meta["completion"], _read_tensors(path / COMPLETION_FILE), path)
+
+
+def _read_residual(path: Path, meta: dict[str, Any]) -> ResidualHead | None:
+    """The folder's residual action head, validated; None when it has none. The entry and the file come together."""
+    if "residual" not in meta and not (path / RESIDUAL_FILE).exists():
+        return None
+    if "residual" not in meta or not (path / RESIDUAL_FILE).is_file():
+        have, lacks = (f"a \"residual\" entry in {META}", RESIDUAL_FILE) if "residual" in meta else \
+            (RESIDUAL_FILE, f"a \"residual\" entry in {META}")
+        raise ValueError(f"{path} holds {have} but not {lacks}; re-copy the adapter folder or rewrite it with "
+                         "robolora finetune-rl")
+    if not isinstance(meta["residual"], Mapping):
+        raise ValueError(f"{path / META}: \"residual\" must be an object (feature_dim, chunk_size, action_dim, "
+                         f"hidden), got {meta['residual']!r}; the adapter file is corrupt or hand-edited")
+    return ResidualHead.from_files(meta["residual"], _read_tensors(path / RESIDUAL_FILE), path)
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], layers: list[str], rank: int,
@@ -247,10 +288,12 @@ def attach(policy: nn.Module, adapter: SkillAdapter, name: str | None = None,
         if a.shape[1] != d_in or b.shape[0] != d_out:
             raise ValueError(f"adapter {adapter.skill!r}: {layer} expects ({d_out}, {d_in}) "
                              f"but lora_B @ lora_A is ({b.shape[0]}, {a.shape[1]}); wrong base architecture")
-    d_model = getattr(getattr(policy, "config", None), "d_model", None)
-    if adapter.skill_token is not None and d_model is not None and adapter.skill_token.shape != (d_model,):
+    spec = getattr(policy, "spec", None) if hasattr(type(policy), "spec") else None
+    token_dim = spec.skill_token_dim if isinstance(spec, PolicySpec) else None
+    if adapter.skill_token is not None and token_dim is not None and adapter.skill_token.shape != (token_dim,):
         raise ValueError(f"adapter {adapter.skill!r}: skill token has shape {tuple(adapter.skill_token.shape)}, "
-                         f"the policy needs ({d_model},)")
+                         f"the policy needs ({token_dim},)")
+    check_residual(policy, adapter)
     config = LoRAConfig(**{**adapter.config.to_dict(), "targets": tuple(adapter.lora)})
     inject_lora(policy, config, name)
     layers = lora_layers(policy)
@@ -263,17 +306,94 @@ def attach(policy: nn.Module, adapter: SkillAdapter, name: str | None = None,
 
 
 def detach(policy: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` from every layer (it must not be merged)."""
+    """Remove adapter ``name`` from every layer (it must not be merged), and its residual head if
+    :func:`attach_active` installed it."""
     remove_adapter(policy, name)
+    _remove_residual(policy, name)
+
+
+def deactivate(policy: nn.Module) -> None:
+    """Undo :func:`attach_active`'s activation: no active adapter, no skill token, no residual head. The adapters
+    stay attached and the chunk execution stays as the skill set it."""
+    from robolora.inject import set_active_adapter
+
+    set_active_adapter(policy, None)
+    if getattr(policy, "skill_token", None) is not None:
+        policy.set_skill_token(None)
+    _remove_residual(policy)
+
+
+def check_residual(policy: nn.Module, adapter: SkillAdapter) -> None:
+    """Refuse, naming the problem and the fix, a residual head ``policy`` cannot run: no ``set_action_residual``
+    hook (TypeError), or a head made for other feature/chunk/action sizes or holding NaN/Inf (ValueError). Nothing
+    to check for an adapter without one."""
+    head = adapter.residual
+    if head is None:
+        return
+    try:
+        spec = check_policy(policy, residual=True)
+    except TypeError as e:
+        raise TypeError(f"adapter {adapter.skill!r} carries a residual action head, but {e}") from None
+    try:
+        head.check_fits(spec.feature_dim, spec.chunk_size, spec.action_dim, f"this {type(policy).__name__}")
+    except ValueError as e:
+        raise ValueError(f"adapter {adapter.skill!r}: {e}; attach it to the base it was trained on") from None
+    if not all(torch.isfinite(t).all() for t in head.state_dict().values()):
+        raise ValueError(f"adapter {adapter.skill!r}: its residual head holds NaN or Inf (RL diverged?); this adapter "
+                         "is unusable")
+
+
+def check_skill_budget(adapter: SkillAdapter, base_parameters: int,
+                       budget_percent: float | None = None) -> dict[str, float]:
+    """Raise ValueError unless everything the skill adds to the base (``SkillAdapter.skill_parameters``: LoRA weights,
+    skill token, residual and completion heads) is within ``budget_percent`` (default
+    ``robolora.completion.BUDGET_PERCENT``, 2%) of the base's ``base_parameters``; returns the counts."""
+    from robolora.completion import BUDGET_PERCENT
+
+    percent = BUDGET_PERCENT if budget_percent is None else budget_percent
+    head = 0 if adapter.completion is None else adapter.completion.head.num_parameters
+    counts = {"adapter_parameters": adapter.num_parameters, "residual_parameters": adapter.residual_parameters,
+              "completion_parameters": head, "total_parameters": adapter.skill_parameters,
+              "percent_of_base": 100 * adapter.skill_parameters / base_parameters}
+    if adapter.skill_parameters > base_parameters * percent / 100:
+        raise ValueError(f"skill {adapter.skill!r} adds {adapter.skill_parameters} parameters (LoRA + token "
+                         f"{adapter.num_parameters}, residual head {adapter.residual_parameters}, completion head "
+                         f"{head}), {counts['percent_of_base']:.3f}% of the base's {base_parameters}: over the "
+                         f"{percent:g}% budget ({math.floor(base_parameters * percent / 100)}); use a smaller LoRA "
+                         "rank or narrower heads (hidden)")
+    return counts
+
+
+# policy -> the skill whose residual head attach_active installed on it (detach/deactivate remove only that one)
+_RESIDUAL_OWNER: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _install_residual(policy: nn.Module, adapter: SkillAdapter, name: str) -> None:
+    """Make the active skill's residual head the policy's (a frozen copy: the adapter's own head is never moved),
+    or remove the head a previous attach_active installed when this skill has none."""
+    if adapter.residual is None:
+        _remove_residual(policy)
+        return
+    policy.set_action_residual(copy.deepcopy(adapter.residual).eval().requires_grad_(False))
+    _RESIDUAL_OWNER[policy] = name
+
+
+def _remove_residual(policy: nn.Module, name: str | None = None) -> None:
+    owner = _RESIDUAL_OWNER.get(policy)
+    if owner is not None and (name is None or owner == name):
+        policy.set_action_residual(None)
+        del _RESIDUAL_OWNER[policy]
 
 
 EXECUTION_FIELDS = ("n_action_steps", "temporal_ensemble")
 
 
 def validate_execution(execution: Mapping[str, Any] | None, config: Any) -> dict[str, Any] | None:
-    """Check a skill's chunk-execution settings (``adapter.json`` "execution") against a policy config.
+    """Check a skill's chunk-execution settings (``adapter.json`` "execution") against a policy's default
+    ``Execution`` (``policy.spec.execution``) or any dataclass with the same fields (a policy config).
 
-    Returns them as a plain dict (None when absent); raises ValueError naming the bad field or value.
+    Returns them as a plain dict (None when absent); raises ValueError naming the bad field or value. The range of
+    ``n_action_steps`` against the chunk size is checked by :func:`skill_execution`.
     """
     if not execution:
         return None
@@ -290,27 +410,49 @@ def validate_execution(execution: Mapping[str, Any] | None, config: Any) -> dict
 
 
 def execution_of(adapter: SkillAdapter, config: Any) -> dict[str, Any] | None:
-    """The adapter's validated execution settings for a policy with ``config`` (None: the policy's own)."""
+    """The adapter's validated execution settings for a policy whose default execution is ``config`` (an
+    ``Execution``, or a config with its fields); None: the policy's own."""
     try:
         return validate_execution(adapter.metadata.get("execution"), config)
     except (ValueError, TypeError) as e:
         raise ValueError(f"adapter {adapter.skill!r}: invalid \"execution\" in adapter.json ({e})") from e
 
 
+def skill_execution(adapter: SkillAdapter, spec: PolicySpec) -> Execution | None:
+    """The chunk execution the adapter asks for (``adapter.json`` "execution") on a policy with ``spec``: its
+    settings over ``spec.execution``, checked against ``spec.chunk_size``; None when the adapter keeps the policy's."""
+    execution = execution_of(adapter, spec.execution)
+    if not execution:
+        return None
+    try:
+        return Execution(**{**spec.execution.to_dict(), **execution}).check(spec.chunk_size)
+    except ValueError as e:
+        raise ValueError(f"adapter {adapter.skill!r}: invalid \"execution\" in adapter.json ({e})") from e
+
+
 def attach_active(policy: nn.Module, adapter: SkillAdapter) -> str:
     """Attach ``adapter`` and make it the active skill: its LoRA weights, its skill token and its chunk execution
-    (``adapter.json`` "execution", validated before anything changes). Returns the adapter's name."""
+    (``adapter.json`` "execution") and its residual action head (``set_action_residual``; a previous skill's head
+    installed here is removed when this one has none). Works on any protocol policy (``robolora.policy``): the execution is checked
+    against ``policy.spec`` and applied through ``set_execution``, the token through ``set_skill_token``; everything
+    is validated before anything changes. Returns the adapter's name."""
     from robolora.inject import set_active_adapter
 
-    execution = execution_of(adapter, policy.config)
+    spec = check_policy(policy, skill_token=adapter.skill_token is not None)
+    execution = skill_execution(adapter, spec)
+    if execution is not None and not callable(getattr(policy, "set_execution", None)):
+        raise TypeError(f"adapter {adapter.skill!r} carries its own chunk execution ({execution}) but "
+                        f"{type(policy).__name__} has no set_execution(); give the policy robolora.policy."
+                        "ChunkedActing or drop \"execution\" from the adapter")
     name = attach(policy, adapter)
-    if execution:
-        policy.set_execution(**execution)
+    if execution is not None:
+        policy.set_execution(**execution.to_dict())
     set_active_adapter(policy, name)
     if adapter.skill_token is not None:
         device = next(policy.parameters()).device
         token = adapter.skill_token.detach().to(device=device, dtype=torch.float32).clone()
         policy.set_skill_token(nn.Parameter(token, requires_grad=False))
+    _install_residual(policy, adapter, name)
     return name
 
 
@@ -344,6 +486,10 @@ def to_peft(adapter: SkillAdapter, path: str | Path, policy: nn.Module | None = 
     (kdim or vdim different from embed_dim).
     """
     c = adapter.config
+    heads = [h for h, v in (("completion", adapter.completion), ("residual", adapter.residual)) if v is not None]
+    if heads:
+        logger.warning("to_peft: PEFT's layout has no place for the %s head(s) of adapter %r; they are not written "
+                       "(keep robolora's layout, save_adapter, to carry them)", " and ".join(heads), adapter.skill)
     attention = _attention_modules(adapter, policy)
     projections = {f"{name}.{p}" for name in attention for p in PROJECTIONS}
     pairs = {layer: ab for layer, ab in adapter.lora.items() if layer not in projections}

@@ -160,8 +160,10 @@ def rollout(
         if env is None:
             from robolora.envs import make
 
-            config = manager.policy.config
-            env = make(env_id, image_size=config.image_size, cameras=tuple(config.cameras),
+            spec = manager.spec  # the policy's protocol spec: its cameras and image size
+            images = spec.image_keys
+            env = make(env_id, image_size=spec.observation[images[0]].shape[0] if images else 64,
+                       cameras=tuple(k.removeprefix("rgb_") for k in images),
                        render_mode="rgb_array" if video_path is not None else None)
         if video_path is not None and env.render_mode != "rgb_array":
             raise ValueError(f"video_path needs an env made with render_mode='rgb_array' (got {env.render_mode!r})")

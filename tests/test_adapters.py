@@ -98,6 +98,36 @@ def test_bad_execution_is_refused_before_anything_changes(tmp_path, execution, m
     assert policy.config.n_action_steps == 4
 
 
+def test_attach_active_reads_the_protocol_not_a_config():
+    """attach_active works on any protocol policy: a policy with no ``config`` and no ``set_execution`` takes an
+    adapter that keeps its execution, and refuses one that brings its own, with nothing changed."""
+    from test_lora_mha import AttentionNet, frozen, trained_adapter as attention_adapter
+
+    from robolora.adapters import attach_active
+
+    assert not hasattr(AttentionNet, "config") and not hasattr(AttentionNet, "set_execution")
+    net = frozen()
+    attention_adapter(net, "s", seed=3)
+    set_active_adapter(net, "s")
+    adapter = adapter_from_policy(net, "s")
+    policy, probe = frozen(), {"state": torch.randn(2, 5, 4)}
+    with torch.no_grad():
+        before = policy.predict_chunk(probe)
+    adapter.metadata["execution"] = {"n_action_steps": 2}
+    with pytest.raises(TypeError, match="no set_execution"):
+        attach_active(policy, adapter)
+    adapter.metadata["execution"] = {"n_action_steps": 6}  # chunk_size 5
+    with pytest.raises(ValueError, match=r"n_action_steps=6 must be in \[1, chunk_size=5\]"):
+        attach_active(policy, adapter)
+    assert not lora_layers(policy)
+    with torch.no_grad():
+        assert torch.equal(policy.predict_chunk(probe), before)
+    del adapter.metadata["execution"]
+    assert attach_active(policy, adapter) == "s"
+    with torch.no_grad():
+        assert torch.allclose(policy.predict_chunk(probe), net.predict_chunk(probe), atol=1e-6)
+
+
 def test_detach_restores_the_base_exactly():
     policy = tiny()
     before, fingerprint = outputs(policy), base_fingerprint(policy)

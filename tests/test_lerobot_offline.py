@@ -264,3 +264,52 @@ def test_export_bundle_holds_the_normalisation_and_the_controller_matches(policy
         obs = {"rgb_front": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
                "proprio": (mean + std * rng.standard_normal(10)).astype(np.float32)}
         np.testing.assert_allclose(controller.select_action(obs), merged.select_action(obs), atol=5e-5)
+
+
+def test_a_skills_execution_reaches_the_bundle_through_the_protocol(policy: LeRobotPolicy, tmp_path: Path) -> None:
+    """attach_active (export) reads the wrapper's spec, not a config: the skill's own execution is checked against
+    the chunk size and recorded in the bundle; a bad one is refused with nothing written or changed."""
+    from robolora.adapters import attach_active
+    from robolora.export import export_bundle
+
+    assert not hasattr(policy, "config")
+    adapter = skill(policy, "wipe", 3)
+    adapter.metadata["execution"] = {"n_action_steps": 9}  # chunk_size 8
+    with pytest.raises(ValueError, match=r"n_action_steps=9 must be in \[1, chunk_size=8\]"):
+        attach_active(policy, adapter)
+    with pytest.raises(ValueError, match=r"n_action_steps=9"):
+        export_bundle(policy, adapter, tmp_path / "bad")
+    assert not lora_layers(policy) and policy.spec.execution.n_action_steps == 4 and not (tmp_path / "bad").exists()
+    adapter.metadata["execution"] = {"n_action_steps": 1, "temporal_ensemble": 0.1}
+    meta = export_bundle(policy, adapter, tmp_path / "bundle", env_id=None)
+    assert meta["chunking"] == {"chunk_size": 8, "n_action_steps": 1, "temporal_ensemble": 0.1}
+    assert policy.spec.execution.n_action_steps == 4  # export works on a copy
+
+
+def test_an_adapter_of_another_act_is_refused_by_fingerprint(policy: LeRobotPolicy, tmp_path: Path) -> None:
+    other = LeRobotPolicy(StandInACT(), fixture_config(), fixture_normalization()).eval()
+    with torch.no_grad():
+        other.model.action_head.bias.add_(0.1)  # another ACT: same architecture, other weights
+    foreign = adapter_from_policy(inject_and_fill(other, "foreign"), "foreign")
+    fingerprint, probe = base_fingerprint(policy), policy.spec.probe(2)
+    before = policy.predict_chunk(probe)
+    manager = SkillManager(policy, mode="bank")
+    with pytest.raises(ValueError, match="was trained on base .* but this policy is base"):
+        manager.attach("foreign", foreign)
+    assert manager.skills == [] and not lora_layers(policy)
+    manager.close()
+    from robolora.export import export_bundle
+
+    with pytest.raises(ValueError, match="was trained on base"):
+        export_bundle(policy, foreign, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+    assert base_fingerprint(policy) == fingerprint and torch.equal(policy.predict_chunk(probe), before)
+
+
+def inject_and_fill(policy: LeRobotPolicy, name: str) -> LeRobotPolicy:
+    inject_lora(policy, LoRAConfig(rank=2, alpha=4.0, targets=LeRobotPolicy.lora_targets), name,
+                generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in lora_layers(policy).values():
+            layer.lora_B[name].normal_(0.0, 0.2, generator=torch.Generator().manual_seed(0))
+    return policy

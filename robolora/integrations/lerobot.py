@@ -361,12 +361,6 @@ class LeRobotPolicy(ChunkedActing, nn.Module):
     def _set_default_execution(self, execution: Execution) -> None:
         self._execution = execution
 
-    @property
-    def config(self) -> Execution:
-        """The default chunk execution, which ``robolora.adapters.attach_active`` (export) validates a skill's
-        "execution" against through ``policy.config``. LeRobot's config dict is ``lerobot_config``."""
-        return self._execution
-
     # ---- batches ---------------------------------------------------------------------------------------------
 
     def lerobot_batch(self, batch: Mapping[str, Any], training: bool = False) -> dict[str, torch.Tensor]:
