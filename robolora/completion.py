@@ -206,7 +206,8 @@ class Completion:
 
 def check_budget(adapter_parameters: int, head: CompletionHead, base_parameters: int,
                  budget_percent: float = BUDGET_PERCENT) -> dict[str, float]:
-    """Raise ValueError unless adapter + head <= ``budget_percent`` of the base; returns the totals."""
+    """Raise ValueError unless adapter + head <= ``budget_percent`` of the base; returns the totals.
+    ``adapter_parameters`` counts everything else the skill adds (LoRA, token, residual head)."""
     total = adapter_parameters + head.num_parameters
     budget = base_parameters * budget_percent / 100
     if total > budget:
@@ -445,7 +446,9 @@ def train_completion(base: str | Path | nn.Module, adapter: SkillAdapter, data_d
     policy = policy.to(device).eval()
     spec = check_policy(policy, features=True)
     base_parameters = sum(p.numel() for p in policy.parameters())
-    budget = check_budget(adapter.num_parameters, CompletionHead(spec.feature_dim, config.hidden), base_parameters)
+    # the adapter's share: LoRA weights, skill token and its residual action head (robolora.residual), if any
+    budget = check_budget(adapter.num_parameters + adapter.residual_parameters,
+                          CompletionHead(spec.feature_dim, config.hidden), base_parameters)
     attach_active(policy, adapter)
     policy.requires_grad_(False)
     episodes = episode_features(policy, data_dirs, on_episode)

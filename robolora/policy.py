@@ -10,7 +10,7 @@ A policy is an ``nn.Module`` that
 - gives training a loss: ``forward(batch) -> (loss, {"train/...": float})`` on batches that also hold ``action``
   (B, K, A) and ``action_is_pad`` (B, K). A policy without one can be trained with ``chunk_l1_loss``.
 
-Three hooks are optional and explicit, never private attributes that robolora writes:
+Four hooks are optional and explicit, never private attributes that robolora writes:
 
 - skill conditioning: a policy whose ``spec.skill_token_dim`` is set has ``set_skill_token(nn.Parameter | None)``;
   the token (shape ``(skill_token_dim,)``) replaces its task conditioning while set. robolora trains one per skill
@@ -21,6 +21,9 @@ Three hooks are optional and explicit, never private attributes that robolora wr
 - observation features: a policy whose ``spec.feature_dim`` is set has ``features(batch) -> (B, feature_dim)``, its
   own pooled summary of the observation under the current weights and skill (robolora never needs its gradient).
   A skill's completion head reads them (``robolora.completion``); ``predict_chunk`` must not change for it.
+- residual action head: a policy with ``spec.feature_dim`` set may have ``set_action_residual(head | None)``; while
+  a skill's ``robolora.residual.ResidualHead`` is set, ``predict_chunk`` returns ``clamp(chunk + head(features,
+  chunk))`` from its one forward pass. ``attach_active`` and the SkillManager install a skill's head through it.
 
 Everything robolora builds inputs for (probes on attach, export, the controller) reads ``spec``, never one policy
 class's config.
@@ -236,10 +239,12 @@ class Policy(Protocol):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-def check_policy(policy: Any, *, skill_token: bool = False, features: bool = False) -> PolicySpec:
+def check_policy(policy: Any, *, skill_token: bool = False, features: bool = False,
+                 residual: bool = False) -> PolicySpec:
     """Raise a TypeError naming what is missing unless ``policy`` follows the protocol; returns its spec.
 
-    ``skill_token=True`` also requires the skill-conditioning hook, ``features=True`` the observation-features hook.
+    ``skill_token=True`` also requires the skill-conditioning hook, ``features=True`` the observation-features hook,
+    ``residual=True`` the residual-action hook (``set_action_residual`` and ``spec.feature_dim``).
     """
     missing = [m for m in ("spec", "predict_chunk", "reset") if not hasattr(type(policy), m)]
     if not isinstance(policy, nn.Module):
@@ -257,6 +262,10 @@ def check_policy(policy: Any, *, skill_token: bool = False, features: bool = Fal
     if features and (spec.feature_dim is None or not callable(getattr(policy, "features", None))):
         raise TypeError(f"{type(policy).__name__} has no observation-features hook (spec.feature_dim and "
                         "features(batch) -> (B, feature_dim)), which a completion head reads; see docs/policy.md")
+    if residual and (spec.feature_dim is None or not callable(getattr(policy, "set_action_residual", None))):
+        raise TypeError(f"{type(policy).__name__} has no residual-action hook (set_action_residual(head | None) and "
+                        "spec.feature_dim), which a skill's residual head needs; attach the skill to a policy that "
+                        "has it (robolora's VisuomotorPolicy and ACTPolicy do) or drop the residual (docs/policy.md)")
     return spec
 
 
