@@ -29,7 +29,11 @@ the policy back as it was. Move the policy to its device before creating the man
 Skill conditioning and chunk execution are the manager's own state: one skill-token Parameter it owns (installed
 through the policy's ``set_skill_token`` hook and written in place on a switch) and one ``ChunkExecutor`` per
 skill (the adapter's "execution", else the policy's ``spec.execution``); the manager never writes the policy's
-attributes.
+attributes. A skill's residual action head (``robolora.residual``, adapter.json "residual") is part of its switch:
+a frozen copy made on attach is installed through the policy's ``set_action_residual`` hook when the applied skill's
+head differs from the installed one (None for a skill without one, the plain base and blends; a blend of skills
+carrying heads is refused, a head has no weighted sum). Like the token, no tensor is made on a switch. A compiled
+policy recompiles for each installed head (its graph reads the head), so compile with the heads installed in turn.
 
 Threading: ``activate``/``blend`` may be called from any thread. They build the new state in the caller's thread
 and leave it as the pending request (the last one wins); every step applies the pending request at its start while
@@ -41,6 +45,7 @@ queued actions are dropped and the new skill is queried at the next ``select_act
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -135,6 +140,7 @@ class _Switch:
     pairs: tuple[tuple[dict[str, Any], nn.Parameter], ...] = ()
     layout: int = -1
     executor: ChunkExecutor | None = None  # the skill's own chunk execution (adapter.json "execution"); None: base's
+    residual: nn.Module | None = None  # the skill's residual action head (a frozen copy on the policy's device)
 
 
 _PLAIN = _Switch(None)
@@ -214,6 +220,7 @@ class SkillManager:
         self._skills: dict[str, _Skill] = {}
         self._token: nn.Parameter | None = None  # the manager's token Parameter, written in place on every switch
         self._token_installed = False
+        self._residual: nn.Module | None = None  # the residual head installed through set_action_residual
         self._pending: _Switch | None = None
         self._applied: _Switch = _PLAIN
         self._plain: _Switch = _PLAIN
@@ -279,7 +286,8 @@ class SkillManager:
                 new_layers = self._adopt_layers()
                 switch = dataclasses.replace(self._build_switch(name, adapter), executor=executor)
                 skill = _Skill(switch if self._cached else _Switch(switch.spec, {}, switch.token,
-                                                                    executor=switch.executor),
+                                                                    executor=switch.executor,
+                                                                    residual=switch.residual),
                                self._probe(name, switch))
             except BaseException:
                 self._forget(name, new_layers)
@@ -322,12 +330,13 @@ class SkillManager:
         return self._skills[name].check
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held per skill: its LoRA A/B, its token, and the mode's copies (merged weights, scaled B's)."""
+        """Bytes held per skill: its LoRA A/B, its token, its residual head, and the mode's copies (merged weights, scaled B's)."""
         out = {}
         for name, skill in list(self._skills.items()):
             tensors = [t for layer in self._layers.values() for unit in layer.units if name in unit.configs
                        for t in (unit.lora_A[name], unit.lora_B[name])]
             tensors += [] if skill.switch.token is None else [skill.switch.token]
+            tensors += [] if skill.switch.residual is None else list(skill.switch.residual.parameters())
             for value in skill.switch.bindings.values():  # a merged weight, or per unit an (A, Bt) term or None
                 tensors += [t for term in value if term is not None for t in term] if isinstance(value, list) \
                     else [value]
@@ -418,9 +427,13 @@ class SkillManager:
         if len(skills) == 1 and next(iter(spec.values())) == 1.0:
             if not self._cached:
                 return _Switch(skills[0].switch.spec, self._bindings(spec), skills[0].switch.token,
-                               executor=skills[0].switch.executor)
+                               executor=skills[0].switch.executor, residual=skills[0].switch.residual)
             skills[0].switch = self._current(skills[0].switch)
             return skills[0].switch
+        with_head = [n for n, skill in zip(spec, skills) if skill.switch.residual is not None]
+        if with_head:
+            raise ValueError(f"cannot blend {spec}: {with_head} carry a residual action head, which has no weighted "
+                             "sum (it is nonlinear in the features); activate one skill at a time")
         tokens = [skill.switch.token for skill in skills]
         if any(t is None for t in tokens) and any(t is not None for t in tokens):
             with_token = [n for n, t in zip(spec, tokens) if t is not None]
@@ -481,13 +494,16 @@ class SkillManager:
                     elif name in self._applied.bindings:
                         layer.original.copy_(layer.pristine())
         self._install_token(switch.token)
+        if switch.residual is not self._residual:  # the prebuilt head: no tensor is made here
+            self.policy.set_action_residual(switch.residual)
+            self._residual = switch.residual
         if reset_queue:
             self._executor = switch.executor or self._base_executor
             self._executor.reset()
             self.policy.reset()
         # inplace without a cache keeps only which layers it wrote, not a second copy of the merged weights
         self._applied = switch if self._cached else _Switch(switch.spec, dict.fromkeys(switch.bindings), switch.token,
-                                                            executor=switch.executor)
+                                                            executor=switch.executor, residual=switch.residual)
 
     def _install_token(self, token: nn.Parameter | None) -> None:
         """Bind the skill token through the policy's hook: the manager's one Parameter, written in place (so it is
@@ -557,7 +573,10 @@ class SkillManager:
             token = nn.Parameter(adapter.skill_token.detach().to(device=like.device, dtype=like.dtype).clone(), False)
             if not torch.isfinite(token).all():
                 raise ValueError(f"skill {name!r}: the skill token holds NaN/Inf; this adapter is unusable")
-        return _Switch({name: 1.0}, self._bindings({name: 1.0}), token)
+        residual = None
+        if adapter.residual is not None:  # validated by attach_adapter (hook, sizes, finite)
+            residual = copy.deepcopy(adapter.residual).to(self._device).eval().requires_grad_(False)
+        return _Switch({name: 1.0}, self._bindings({name: 1.0}), token, residual=residual)
 
     @torch.no_grad()
     def _probe(self, name: str, switch: _Switch) -> LiveCheck:
