@@ -28,7 +28,8 @@ observation (or model output) is bad gets the *hold* action instead and the faul
 - the element's chunk queue is cleared, so the first good observation afterwards re-queries the model instead of
   replaying a plan made before the fault.
 
-Actions are clamped to ``action.low``/``action.high``. ``run_episodes`` runs a fixed-rate loop (sleeping until each
+Actions are clamped to ``action.low``/``action.high`` where the bundle records them (``null`` when the policy's
+spec has no action bounds: those actions are only checked for finiteness); ``action.shape`` is the policy's. ``run_episodes`` runs a fixed-rate loop (sleeping until each
 tick's deadline, counting ticks whose work overran it, then re-anchoring rather than bursting to catch up).
 
 This module must import without torch: it imports numpy, onnxruntime and the torch-free ``robolora.stats`` and
@@ -159,8 +160,8 @@ class BundleSpec:
     observation: tuple[ObsSpec, ...]
     inputs: tuple[str, ...]
     num_tasks: int | None  # set when the graph takes task_id as an input
-    action_low: np.ndarray
-    action_high: np.ndarray
+    action_low: np.ndarray  # (A,), -inf where the bundle records no bound
+    action_high: np.ndarray  # (A,), +inf where the bundle records no bound
     stop_action: np.ndarray
     hold_last: np.ndarray
     chunk_size: int
@@ -193,7 +194,10 @@ class BundleSpec:
             obs = tuple(_obs_spec(k, v) for k, v in meta["observation"].items())
             act = meta["action"]
             a = int(np.prod(act["shape"]))
-            low, high, stop = (np.asarray(act[k], dtype=np.float32).reshape(a) for k in ("low", "high", "stop"))
+            low, high = (np.full(a, inf, np.float32) if act[k] is None else
+                         np.asarray(act[k], dtype=np.float32).reshape(a) for k, inf in (("low", -np.inf),
+                                                                                       ("high", np.inf)))
+            stop = np.asarray(act["stop"], dtype=np.float32).reshape(a)
             hold = np.asarray(act["hold_last"], dtype=bool).reshape(a)
             chunk, task = meta["chunking"], meta["task"]
             completion = CompletionSpec.from_json(meta["completion"]) if meta.get("completion") else None
@@ -207,8 +211,8 @@ class BundleSpec:
             raise BundleError(f"{where}: missing or malformed field ({type(e).__name__}: {e}); re-export the "
                               f"bundle with robolora export") from e
         problems = []
-        if not (np.all(low <= stop) and np.all(stop <= high) and np.all(low < high)):
-            problems.append(f"action low {low} <= stop {stop} <= high {high} does not hold")
+        if not (np.all(np.isfinite(stop)) and np.all(low <= stop) and np.all(stop <= high) and np.all(low < high)):
+            problems.append(f"action low {low} <= stop {stop} <= high {high} (stop finite) does not hold")
         if not 1 <= spec.n_action_steps <= spec.chunk_size:
             problems.append(f"n_action_steps={spec.n_action_steps} outside [1, chunk_size={spec.chunk_size}]")
         if spec.temporal_ensemble is not None and spec.n_action_steps != 1:
@@ -447,8 +451,9 @@ class Controller:
             problems.append(f"this base bundle takes a task id; pass load_bundle(..., task_id=N), "
                             f"N in 0..{self.spec.num_tasks - 1}")
         if problems:
-            raise BundleError(f"bundle {self.path} does not fit the env: {'; '.join(problems)}; make the env with "
-                              f"image_size={self.spec.image_size}, cameras={self.spec.cameras} or export for it")
+            make = (f"make the env with image_size={self.spec.image_size}, cameras={self.spec.cameras} or "
+                    if self.spec.cameras else "")
+            raise BundleError(f"bundle {self.path} does not fit the env: {'; '.join(problems)}; {make}export for it")
 
     @staticmethod
     def _env_problems(spec: BundleSpec, observation_space: Any, action_space: Any) -> list[str]:
@@ -468,8 +473,11 @@ class Controller:
         if tuple(getattr(action_space, "shape", ())) != shape:
             problems.append(f"action shape {getattr(action_space, 'shape', None)}, the bundle emits {shape}")
         elif np.any(spec.action_low < action_space.low) or np.any(spec.action_high > action_space.high):
+            unbounded = not (np.all(np.isfinite(spec.action_low)) and np.all(np.isfinite(spec.action_high)))
             problems.append(f"the bundle's action limits [{spec.action_low}, {spec.action_high}] exceed "
-                            f"the env's [{action_space.low}, {action_space.high}]")
+                            f"the env's [{action_space.low}, {action_space.high}]" +
+                            (" (the policy's spec has no action bounds: export a policy that clamps to the env's, "
+                             "e.g. load_lerobot_policy(..., action_bounds=(-1, 1)))" if unbounded else ""))
         return problems
 
     def reset(self, indices: Sequence[int] | None = None) -> None:

@@ -69,8 +69,10 @@ from robolora.policy import PolicySpec, check_policy, probe_batch
 
 logger = logging.getLogger(__name__)
 
-STOP_ACTION = (0.0, 0.0, 0.0, 1.0)  # no end-effector motion, gripper open (the envs start open)
-HOLD_LAST = (False, False, False, True)  # on a fault the gripper keeps its last command
+# robolora's envs act in (dx, dy, dz, gripper): their safe hold is no end-effector motion with the gripper open (the
+# envs start open) before any action, and the gripper keeping its last command on a fault
+STOP_ACTION = (0.0, 0.0, 0.0, 1.0)
+HOLD_LAST = (False, False, False, True)
 ONNX_OPSET = 17
 PROBE_BATCHES = (1, 5)
 COMPLETION_OUTPUT = "done"
@@ -125,6 +127,8 @@ def export_bundle(
     task_id: int | None = None,
     env_id: str | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    stop_action: Sequence[float] | None = None,
+    hold_last: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Merge ``skill`` into ``base``, strip LoRA, write and verify the bundle at ``out_dir``; returns policy.json.
 
@@ -133,12 +137,18 @@ def export_bundle(
     ``env_id`` names the env whose proprio bounds the bundle enforces; by default the skill's task when the skill
     is named after one (``dish_rack`` -> robolora/DishRack-v0) or the baked base task, else no bounds (only
     finiteness). An existing bundle at ``out_dir`` is replaced; any other existing folder is refused.
+
+    The action's size and bounds are the policy's ``spec.action``: bounds are recorded (and the controller clamps
+    to them) only when the spec gives them. ``stop_action`` / ``hold_last`` set the controller's safe hold
+    (:func:`safe_hold`): by default robolora's (dx, dy, dz, gripper) hold for 4-dimensional actions, and for any
+    other size the zero action with every dimension keeping its last command; pass them for your robot.
     """
     out_dir = Path(out_dir)
     _check_destination(out_dir)
     policy = copy.deepcopy(base) if isinstance(base, nn.Module) else load_policy(base)
     policy = policy.cpu().float().eval()
     spec = check_policy(policy)
+    hold = safe_hold(spec, stop_action, hold_last)  # refused before anything is written
     if lora_layers(policy) or getattr(policy, "skill_token", None) is not None:
         raise ValueError("export_bundle needs the plain base policy (no LoRA layers, no skill token); pass the "
                          "adapter as `skill` and the export merges it")
@@ -167,7 +177,7 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write_programs(module, policy, tmp)
-        meta = _spec(module, env_id, control_hz, skill_name, task_id, fingerprint, adapter)
+        meta = _spec(module, env_id, control_hz, skill_name, task_id, fingerprint, adapter, hold)
         meta["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in BUNDLE_FILES}
         _write_json(tmp / SPEC_FILE, meta)
         meta["parity"] = _parity(module, unmerged, tmp, tolerance)
@@ -190,6 +200,8 @@ def export_skills(
     sequence: Sequence[str] | None = None,
     env_id: str | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    stop_action: Sequence[float] | None = None,
+    hold_last: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Export several skills of one base as one multi-skill bundle at ``out_dir``; returns its index.
 
@@ -200,8 +212,8 @@ def export_skills(
 
     ``skills``: adapter folders, shipped skill names (``"wipe"``) or ``SkillAdapter``s. ``sequence``: the order the
     skills run in; the bundle then allows exactly its transitions (default: any skill may follow any other).
-    ``env_id`` is export_bundle's, for every skill (default: each skill's own task). Written atomically; an
-    existing bundle at ``out_dir`` is replaced, any other existing folder is refused.
+    ``env_id``, ``stop_action`` and ``hold_last`` are export_bundle's, for every skill (default env: each skill's own
+    task). Written atomically; an existing bundle at ``out_dir`` is replaced, any other existing folder is refused.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / INDEX_FILE).is_file()
@@ -226,7 +238,8 @@ def export_skills(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         reports = {name: export_bundle(policy, source, tmp / SKILLS_DIR / name, control_hz, env_id=env_id,
-                                       tolerance=tolerance) for name, source in zip(names, sources)}
+                                       tolerance=tolerance, stop_action=stop_action, hold_last=hold_last)
+                   for name, source in zip(names, sources)}
         files = {f"{SKILLS_DIR}/{name}/{f.name}": {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                  for name in names for f in sorted((tmp / SKILLS_DIR / name).iterdir())}
         first = reports[names[0]]
@@ -351,8 +364,40 @@ def _parity(module: ExportModule, unmerged: nn.Module | None, bundle: Path, tole
     return {"max_abs_diff": max(diffs.values()), "tolerance": tolerance, "probe_batches": list(PROBE_BATCHES), **diffs}
 
 
+def safe_hold(spec: PolicySpec, stop_action: Sequence[float] | None = None,
+              hold_last: Sequence[bool] | None = None) -> dict[str, list]:
+    """The controller's safe hold for a policy's action space: ``{"stop": [A floats], "hold_last": [A bools]}``.
+
+    On a fault the controller executes ``stop`` except on the ``hold_last`` dimensions, which keep their last
+    executed command (``stop`` before any). Defaults, from ``spec.action``: for 4-dimensional actions robolora's
+    envs' (dx, dy, dz, gripper) hold (``STOP_ACTION``, ``HOLD_LAST``: no motion, the gripper keeps its command); for
+    any other size the zero action clipped into the bounds, with every dimension keeping its last command (a
+    position-controlled arm then holds its pose). Given values are checked: A of them, finite, inside the bounds.
+    """
+    a = spec.action_dim
+    low = -np.inf if spec.action.low is None else float(spec.action.low)
+    high = np.inf if spec.action.high is None else float(spec.action.high)
+    if stop_action is None:
+        stop = list(STOP_ACTION) if a == len(STOP_ACTION) else np.clip(np.zeros(a), low, high).tolist()
+    else:
+        stop = np.asarray(stop_action, dtype=np.float64).reshape(-1).tolist()
+        if len(stop) != a or not np.all(np.isfinite(stop)) or not np.all((low <= np.asarray(stop)) &
+                                                                        (np.asarray(stop) <= high)):
+            raise ValueError(f"stop_action={list(stop_action)} must be {a} finite values within the policy's action "
+                             f"bounds [{low}, {high}] (spec.action {spec.action.shape})")
+    if hold_last is None:
+        hold = list(HOLD_LAST) if a == len(HOLD_LAST) else [True] * a
+    else:
+        hold = list(hold_last)
+        if len(hold) != a or not all(isinstance(h, (bool, np.bool_)) for h in hold):
+            raise ValueError(f"hold_last={hold} must be {a} booleans, one per action dimension (True: that "
+                             "dimension keeps its last command on a fault)")
+        hold = [bool(h) for h in hold]
+    return {"stop": [float(v) for v in stop], "hold_last": hold}
+
+
 def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: str | None, task_id: int | None,
-          fingerprint: str, adapter: SkillAdapter | None) -> dict[str, Any]:
+          fingerprint: str, adapter: SkillAdapter | None, hold: dict[str, list]) -> dict[str, Any]:
     spec = module.spec
     if not control_hz > 0:
         raise ValueError(f"control_hz={control_hz} must be > 0")
@@ -362,8 +407,9 @@ def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: st
         low, high = bounds.get(key, (s.low, s.high))
         observation[key] = {"shape": list(s.shape), "dtype": s.dtype, "low": low, "high": high}
     action_dim = spec.action_dim
-    low = [-1.0] * action_dim if spec.action.low is None else [float(spec.action.low)] * action_dim
-    high = [1.0] * action_dim if spec.action.high is None else [float(spec.action.high)] * action_dim
+    # bounds only where the spec gives them: null means unbounded (the controller then checks only finiteness)
+    low = None if spec.action.low is None else [float(spec.action.low)] * action_dim
+    high = None if spec.action.high is None else [float(spec.action.high)] * action_dim
     normalization = {f"{k}_{stat}": list(getattr(s, stat)) for k, s in spec.observation.items()
                      for stat in ("mean", "std") if getattr(s, stat) is not None}
     return {
@@ -380,8 +426,7 @@ def _spec(module: ExportModule, env_id: str | None, control_hz: float, skill: st
         "output": {"name": OUTPUT_NAME, "shape": ["batch", spec.chunk_size, action_dim], "dtype": "float32"},
         **_completion_spec(module, adapter),
         "observation": observation,
-        "action": {"shape": [action_dim], "dtype": "float32", "low": low, "high": high,
-                   "stop": list(STOP_ACTION), "hold_last": list(HOLD_LAST)},
+        "action": {"shape": [action_dim], "dtype": "float32", "low": low, "high": high, **hold},
         "normalization": {**normalization, "applied_in_graph": True},
         "chunking": {"chunk_size": spec.chunk_size, **spec.execution.to_dict()},
         "control_hz": float(control_hz),

@@ -185,3 +185,112 @@ def test_info_summarises_adapters_and_bundles(bundles):
     assert fingerprint in adapter and "rank " in adapter
     bundle = summary(describe(root / "skill"))
     assert "controller bundle" in bundle and "policy.onnx" in bundle
+
+
+# ------------------------------------------------------------------ another robot: 6-D actions, bounded or not
+
+
+class SixDoF(torch.nn.Module):
+    """A tiny protocol policy for another robot: proprio (7,) -> chunks of 6-D actions of scale ~10 (position
+    targets, say), with or without action bounds in its spec."""
+
+    def __init__(self, bounds: tuple[float, float] | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bounds = bounds
+        self.hidden = torch.nn.Linear(7, 16)
+        self.head = torch.nn.Linear(16, 4 * 6)
+
+    @property
+    def spec(self):
+        from robolora.policy import Execution, PolicySpec, TensorSpec
+
+        low, high = self.bounds or (None, None)
+        return PolicySpec({"proprio": TensorSpec((7,), "float32")}, TensorSpec((6,), "float32", low, high),
+                          chunk_size=4, execution=Execution(n_action_steps=2))
+
+    def predict_chunk(self, batch):
+        chunk = 10 * self.head(torch.tanh(self.hidden(batch["proprio"].float()))).reshape(-1, 4, 6)
+        return chunk if self.bounds is None else chunk.clamp(*self.bounds)
+
+    def forward(self, batch):
+        loss = (self.predict_chunk(batch) - batch["action"]).abs().mean()
+        return loss, {"train/loss": float(loss.detach())}
+
+    def reset(self, indices=None) -> None:
+        pass
+
+
+def six_dof_skill() -> object:
+    from robolora.adapters import adapter_from_policy
+    from robolora.config import LoRAConfig
+    from robolora.inject import inject_lora, lora_layers
+
+    trained = SixDoF().requires_grad_(False)
+    inject_lora(trained, LoRAConfig(rank=2, alpha=4.0, targets=("hidden", "head")), "six",
+                generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for layer in lora_layers(trained).values():
+            layer.lora_B["six"].normal_(0.0, 0.3, generator=torch.Generator().manual_seed(2))
+    return adapter_from_policy(trained, "six")
+
+
+def test_a_6d_unbounded_policy_exports_with_its_own_action_space(tmp_path):
+    """The bundle's action size comes from the spec, no bounds are invented for an unbounded spec (the controller
+    does not clamp), and the default safe hold keeps every dimension's last command."""
+    import gymnasium as gym
+
+    from robolora.controller import BundleError
+
+    policy = SixDoF().requires_grad_(False).eval()
+    meta = export_bundle(policy, six_dof_skill(), tmp_path / "six")
+    action = meta["action"]
+    assert action["shape"] == [6] and action["low"] is None and action["high"] is None
+    assert action["stop"] == [0.0] * 6 and action["hold_last"] == [True] * 6
+    assert meta["output"]["shape"] == ["batch", 4, 6] and meta["parity"]["max_abs_diff"] < 5e-5
+    controller = load_bundle(tmp_path / "six")
+    assert np.isinf(controller.spec.action_low).all() and np.isinf(controller.spec.action_high).all()
+    obs = {"proprio": np.linspace(-1, 1, 7, dtype=np.float32)}
+    first = controller.select_action(obs)
+    assert first.shape == (6,) and np.abs(first).max() > 1.0  # not clamped to an invented [-1, 1]
+    held = controller.select_action({"proprio": np.full(7, np.nan, np.float32)})
+    np.testing.assert_array_equal(held, first)  # a fault: every dimension keeps its last command
+    assert controller.faults["observation"] == 1
+    spaces = gym.spaces.Dict({"proprio": gym.spaces.Box(-np.inf, np.inf, (7,), np.float32)})
+    controller.check_env(spaces, gym.spaces.Box(-np.inf, np.inf, (6,), np.float32))
+    with pytest.raises(BundleError, match="no action bounds"):
+        controller.check_env(spaces, gym.spaces.Box(-1.0, 1.0, (6,), np.float32))
+    with pytest.raises(BundleError, match=r"action shape \(4,\), the bundle emits \(6,\)"):
+        controller.check_env(spaces, gym.spaces.Box(-1.0, 1.0, (4,), np.float32))
+
+
+def test_a_6d_bounded_policy_records_and_clamps_to_its_bounds(tmp_path):
+    policy = SixDoF(bounds=(-0.5, 0.5)).requires_grad_(False).eval()
+    meta = export_bundle(policy, None, tmp_path / "six", stop_action=[0.0, 0.0, 0.0, 0.0, 0.0, 0.25],
+                         hold_last=[False] * 5 + [True])
+    assert meta["action"]["low"] == [-0.5] * 6 and meta["action"]["high"] == [0.5] * 6
+    assert meta["action"]["stop"] == [0.0] * 5 + [0.25] and meta["action"]["hold_last"] == [False] * 5 + [True]
+    controller = load_bundle(tmp_path / "six")
+    assert np.array_equal(controller.hold(), np.float32([0.0] * 5 + [0.25]))  # before any action: stop
+    first = controller.select_action({"proprio": np.linspace(-1, 1, 7, dtype=np.float32)})
+    assert np.abs(first).max() <= 0.5
+    held = controller.select_action({"proprio": np.full(7, np.inf, np.float32)})
+    np.testing.assert_array_equal(held, np.float32([0.0] * 5 + [first[5]]))
+
+
+@pytest.mark.parametrize("stop, hold, match", [
+    ([0.0] * 4, None, r"stop_action=.* must be 6 finite values"),
+    ([0.0] * 5 + [0.9], None, r"within the policy's action bounds \[-0.5, 0.5\]"),
+    ([0.0] * 5 + [float("nan")], None, "finite"),
+    (None, [True] * 4, r"hold_last=.* must be 6 booleans"),
+])
+def test_a_bad_safe_hold_is_refused_before_anything_is_written(tmp_path, stop, hold, match):
+    with pytest.raises(ValueError, match=match):
+        export_bundle(SixDoF(bounds=(-0.5, 0.5)), None, tmp_path / "six", stop_action=stop, hold_last=hold)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_robolora_policies_keep_their_gripper_hold(bundles):
+    _, reports = bundles
+    action = reports["skill"]["action"]
+    assert action["stop"] == [0.0, 0.0, 0.0, 1.0] and action["hold_last"] == [False, False, False, True]
