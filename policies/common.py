@@ -72,6 +72,30 @@ class CameraProprioPolicy:
                 raise ValueError("set_normalization: proprio_std must be > 0; floor it (BCDataset floors at 1e-2)")
             getattr(self, key).copy_(value)
 
+    _action_residual: nn.Module | None = None  # a skill's residual head (robolora.residual), not a registered module
+
+    def set_action_residual(self, head: nn.Module | None) -> None:
+        """Install (or with None remove) a skill's residual action head (``robolora.residual``): ``predict_chunk``
+        then returns ``clamp(chunk + head(features, chunk))`` from one forward pass.
+
+        The head is kept outside ``state_dict()`` and ``parameters()`` (it belongs to the skill, not to the base:
+        the base's fingerprint and checkpoints do not change) and is moved to the policy's device here.
+        """
+        if head is not None:
+            if not isinstance(head, nn.Module):
+                raise TypeError(f"set_action_residual expects an nn.Module or None, got {type(head).__name__}")
+            check = getattr(head, "check_fits", None)
+            if callable(check):
+                spec = self.spec  # type: ignore[attr-defined]
+                check(spec.feature_dim, spec.chunk_size, spec.action_dim, type(self).__name__)
+            head = head.to(self.proprio_mean.device)  # type: ignore[attr-defined]
+        self.__dict__["_action_residual"] = head
+
+    def _with_residual(self, chunk: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``chunk`` (B, K, A) before the clamp plus the installed residual on the features ``tokens.mean(1)``."""
+        head = self._action_residual
+        return chunk if head is None else chunk + head(tokens.mean(1), chunk)
+
     def set_skill_token(self, token: nn.Parameter | None) -> None:
         """Install (or with None remove) the skill token that replaces the task embedding for every sample.
 

@@ -178,7 +178,15 @@ class VisuomotorPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
     def predict_chunk(self, batch: Batch) -> torch.Tensor:
         """Predicted action chunk (B, K, A), clamped to the action space [-1, 1]. Gradients are not disabled."""
         self._check_batch(batch)
-        return self.action_head(self._action_tokens(batch)).clamp(-1.0, 1.0)  # (B, K, A)
+        tokens = self._action_tokens(batch)  # (B, K, D)
+        return self._with_residual(self.action_head(tokens), tokens).clamp(-1.0, 1.0)  # (B, K, A)
+
+    def raw_chunk_and_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unclamped chunk (B, K, A) without any residual head, and ``features`` (B, D), from one forward pass:
+        what a residual head reads (``robolora.residual``; RL fine-tuning builds its actor on this)."""
+        self._check_batch(batch)
+        tokens = self._action_tokens(batch)  # (B, K, D)
+        return self.action_head(tokens), tokens.mean(1)
 
     def features(self, batch: Batch) -> torch.Tensor:
         """Observation features (B, D) for a skill's completion head (robolora.policy's hook): the mean of the

@@ -1,6 +1,6 @@
 """stable-baselines3 bridge (docs/design.md §5, last bullet): a robolora skill policy inside SB3, for evaluation
-(``SB3SkillPolicy``, seeded VecEnvs, :func:`evaluate_sb3`) and for PPO training (``ExecuteChunk``,
-``SkillActorCritic``; the recipe and its design choices are in ``robolora.rl``).
+(``SB3SkillPolicy``, seeded VecEnvs, :func:`evaluate_sb3`) and for residual PPO training (``ExecuteSkill``,
+``ResidualActorCritic``; the recipe and its design choices are in ``robolora.rl``).
 
 ``SB3SkillPolicy`` wraps anything robolora can roll out (a ``VisuomotorPolicy`` with a skill attached, a
 ``SkillManager``): ``predict(obs, state, episode_start, deterministic)`` takes a batched observation dict from any
@@ -16,9 +16,10 @@ envs (env i runs ``(n + i) // n_envs`` of them), so the episodes it counts are e
 the same scenes :func:`robolora.evaluate.evaluate` runs. :func:`evaluate_sb3` runs ``evaluate_policy`` on such an
 env and returns robolora's metrics, success counted from ``info["success"]`` in its callback.
 
-Training. One PPO action is the first h actions of a chunk, executed open-loop by :class:`ExecuteChunk`;
-:class:`SkillActorCritic` is an SB3 ``ActorCriticPolicy`` whose Gaussian mean is the robolora policy's own action
-head (so the deterministic SB3 action equals ``predict_chunk`` bit for bit) and whose value head is fresh.
+Training. One PPO action is one chunk, executed by :class:`ExecuteSkill` through robolora's ``ChunkExecutor`` the
+way the skill executes when deployed; :class:`ResidualActorCritic` is an SB3 ``ActorCriticPolicy`` whose Gaussian
+mean is the frozen skill's chunk plus a residual head's correction (so the deterministic SB3 action is the skill's
+``predict_chunk`` with the head installed) and whose value head is fresh.
 """
 from __future__ import annotations
 
@@ -35,13 +36,12 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
-from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper
 from torch import nn
 
 from robolora.episodes import episode_metrics
 from robolora.evaluate import make_env
-from robolora.policies import VisuomotorPolicy
+from robolora.policy import policy_device
 from robolora.stats import EVAL_SEED
 
 logger = logging.getLogger(__name__)
@@ -226,120 +226,6 @@ def evaluate_sb3(
 
 
 # ------------------------------------------------------------------------------------------------ training
-class ExecuteChunk(gym.Wrapper):
-    """One action = ``horizon`` env actions, flattened (horizon * A,), executed open-loop until the episode ends.
-
-    Reward: the sum over executed steps of ``success_reward * info["success"] + shaped_weight * env reward``.
-    ``info["success"]`` is whether any executed step succeeded; ``info["env_steps"]`` how many steps ran.
-    """
-
-    def __init__(self, env: gym.Env, horizon: int, success_reward: float = 1.0, shaped_weight: float = 0.0) -> None:
-        super().__init__(env)
-        box = env.action_space
-        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
-            raise ValueError(f"ExecuteChunk needs a flat Box action space, got {box}")
-        if horizon < 1:
-            raise ValueError(f"ExecuteChunk horizon={horizon}: must be >= 1 env step per action")
-        self.horizon = horizon
-        self.success_reward, self.shaped_weight = success_reward, shaped_weight
-        self.action_space = spaces.Box(np.tile(box.low, horizon), np.tile(box.high, horizon), dtype=box.dtype)
-
-    def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
-        actions = np.asarray(action, dtype=np.float32).reshape(self.horizon, -1)  # (h, A)
-        total, success = 0.0, False
-        for k, a in enumerate(actions):
-            obs, reward, terminated, truncated, info = self.env.step(a)
-            step_success = bool(info.get("success", False))
-            success |= step_success
-            total += self.success_reward * step_success + self.shaped_weight * float(reward)
-            if terminated or truncated:
-                break
-        return obs, total, terminated, truncated, {**info, "success": success, "env_steps": k + 1}
-
-
-class SkillFeatures(BaseFeaturesExtractor):
-    """The robolora policy as SB3's features extractor: observation dict -> final action-query tokens (B, K, D)."""
-
-    def __init__(self, observation_space: spaces.Dict, policy: VisuomotorPolicy) -> None:
-        cfg = policy.config
-        super().__init__(observation_space, features_dim=cfg.chunk_size * cfg.d_model)
-        self.policy = policy
-        # SB3 algorithms transpose image spaces to channels first (VecTransposeImage); the policy reads (H, W, 3).
-        # Made contiguous so the stem sees the same memory layout as from env images (bit-equal convolutions).
-        self.channels_first = {key: observation_space[key].shape[0] == 3 for key in cfg.image_keys}
-
-    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {key: obs[key].permute(0, 2, 3, 1).contiguous() if first else obs[key]
-                 for key, first in self.channels_first.items()}
-        batch["proprio"] = obs["proprio"]
-        return self.policy._action_tokens(batch)  # (B, K, D); skill token set, so no task_id
-
-
-class SkillActorCritic(ActorCriticPolicy):
-    """SB3 actor-critic whose actor is a robolora policy: Gaussian mean = its first ``horizon`` chunk actions."""
-
-    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Box, lr_schedule: Callable[[float], float],
-                 *, skill_policy: VisuomotorPolicy, horizon: int, init_std: float = 0.1, value_hidden: int = 64,
-                 critic_lr_scale: float = 1.0, **kwargs: Any) -> None:
-        expected = (horizon * skill_policy.config.action_dim,)
-        if action_space.shape != expected:
-            raise ValueError(f"action space {action_space.shape} must be (horizon * action_dim,) = {expected}; "
-                             "wrap the env in ExecuteChunk(env, horizon)")
-        if skill_policy.skill_token is None:
-            raise ValueError("the policy has no skill token: attach and activate a skill adapter first")
-        self.horizon, self.value_hidden, self.critic_lr_scale = horizon, value_hidden, critic_lr_scale
-        super().__init__(observation_space, action_space, lr_schedule, log_std_init=math.log(init_std),
-                         ortho_init=False, features_extractor_class=SkillFeatures,
-                         features_extractor_kwargs={"policy": skill_policy}, normalize_images=False,
-                         optimizer_class=ScaledAdam, optimizer_kwargs={"eps": 1e-5}, **kwargs)
-
-    @property
-    def skill_policy(self) -> VisuomotorPolicy:
-        return self.features_extractor.policy
-
-    def _build(self, lr_schedule: Callable[[float], float]) -> None:
-        d = self.skill_policy.config.d_model
-        self.value_net = nn.Sequential(nn.Linear(d, self.value_hidden), nn.Tanh(),
-                                       nn.Linear(self.value_hidden, self.value_hidden), nn.Tanh(),
-                                       nn.Linear(self.value_hidden, 1))
-        self.log_std = nn.Parameter(torch.full(self.action_space.shape, self.log_std_init))
-        actor = [p for p in self.skill_policy.parameters() if p.requires_grad] + [self.log_std]
-        self.optimizer = self.optimizer_class(
-            [{"params": actor, "lr_scale": 1.0},
-             {"params": list(self.value_net.parameters()), "lr_scale": self.critic_lr_scale}],
-            lr=lr_schedule(1), **self.optimizer_kwargs)
-
-    def actor_parameters(self) -> list[nn.Parameter]:
-        """What the policy gradient trains: the first optimizer group (LoRA A/B, log-std, optional skill token)."""
-        return list(self.optimizer.param_groups[0]["params"])
-
-    def _heads(self, obs: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
-        tokens = self.extract_features(obs)  # (B, K, D)
-        # the head on all K tokens, then sliced: same matmul shapes as predict_chunk, so bit-equal actions
-        mean = self.skill_policy.action_head(tokens)[:, :self.horizon].flatten(1)  # (B, h * A)
-        values = self.value_net(tokens.detach().mean(1))  # (B, 1)
-        return self.action_dist.proba_distribution(mean, self.log_std), values
-
-    def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> tuple[torch.Tensor, ...]:
-        distribution, values = self._heads(obs)
-        actions = distribution.get_actions(deterministic=deterministic)
-        return actions, values, distribution.log_prob(actions)
-
-    def evaluate_actions(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        distribution, values = self._heads(obs)
-        return values, distribution.log_prob(actions), distribution.entropy()
-
-    def get_distribution(self, obs: dict[str, torch.Tensor]) -> Any:
-        return self._heads(obs)[0]
-
-    def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._heads(obs)[1]
-
-    def set_training_mode(self, mode: bool) -> None:
-        super().set_training_mode(mode)
-        self.skill_policy.eval()  # no dropout in RL: rollouts and PPO's ratio must see the same network
-
-
 class ScaledAdam(torch.optim.Adam):
     """Adam with a per-group ``lr_scale``. SB3 overwrites every group's ``lr`` with its schedule before each update,
     so a separate critic learning rate has to be a multiplier applied at step time."""
@@ -354,3 +240,181 @@ class ScaledAdam(torch.optim.Adam):
         finally:
             for group, lr in zip(self.param_groups, base):
                 group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------ residual RL (robolora.rl)
+class ExecuteSkill(gym.Wrapper):
+    """One RL action = the first ``n`` actions of a chunk (flattened (n * A,)), executed the way the skill executes
+    at deployment by robolora's own ``ChunkExecutor``.
+
+    With chunks (``n_action_steps = h``, no ensembling) ``n = h`` and one action runs h env steps open-loop. With
+    temporal ensembling ``n = K`` (every chunk element feeds the ensemble) and one action runs one env step: the
+    executed action is the ensemble of this chunk and the earlier ones, exactly as ``select_action`` would do.
+
+    Reward per env step: ``success_reward * info["success"]`` plus ``shaped_weight * (phi(s') - phi(s))``, where phi
+    is the sum of the env's ``info["reward/<term>"]`` values for ``terms`` (potential-based shaping, Ng et al.,
+    1999: over an episode the shaped part adds up to phi(end) - phi(start), so holding a rewarding state pays
+    nothing and the optimal policy is that of the success reward). The first step of an episode has no shaping.
+    ``info["env_steps"]`` counts the env steps run, ``info["success"]`` whether any of them succeeded.
+    """
+
+    def __init__(self, env: gym.Env, execution: Any, chunk_size: int, success_reward: float = 1.0,
+                 shaped_weight: float = 0.0, terms: Sequence[str] = ()) -> None:
+        super().__init__(env)
+        from robolora.policy import ChunkExecutor
+
+        box = env.action_space
+        if not isinstance(box, spaces.Box) or len(box.shape) != 1:
+            raise ValueError(f"ExecuteSkill needs a flat Box action space, got {box}")
+        self.action_dim, self.chunk_size = box.shape[0], chunk_size
+        self.executor = ChunkExecutor(execution, chunk_size, self.action_dim)
+        self.ensembled = execution.temporal_ensemble is not None
+        self.n = chunk_size if self.ensembled else execution.n_action_steps
+        self.steps_per_action = 1 if self.ensembled else execution.n_action_steps
+        self.success_reward, self.shaped_weight, self.terms = success_reward, shaped_weight, tuple(terms)
+        self.action_space = spaces.Box(np.tile(box.low, self.n), np.tile(box.high, self.n), dtype=box.dtype)
+        self._phi: float | None = None
+        self._probe = {"x": torch.zeros(1)}
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict]:
+        self.executor.reset()
+        self._phi = None
+        return self.env.reset(**kwargs)
+
+    def _potential(self, info: Mapping[str, Any]) -> float:
+        return float(sum(float(info.get(f"reward/{t}", 0.0)) for t in self.terms))
+
+    def step(self, action: np.ndarray) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        chunk = torch.zeros(1, self.chunk_size, self.action_dim)
+        chunk[0, :self.n] = torch.as_tensor(np.asarray(action, dtype=np.float32).reshape(self.n, self.action_dim))
+        chunk = chunk.clamp(-1.0, 1.0)
+        total, success = 0.0, False
+        for k in range(self.steps_per_action):
+            a = self.executor.step(self._probe, lambda _: chunk)[0].numpy()
+            obs, _, terminated, truncated, info = self.env.step(a)
+            step_success = bool(info.get("success", False))
+            success |= step_success
+            total += self.success_reward * step_success
+            if self.shaped_weight and self.terms:
+                phi = self._potential(info)
+                if self._phi is not None:
+                    total += self.shaped_weight * (phi - self._phi)
+                self._phi = phi
+            if terminated or truncated:
+                break
+        return obs, total, terminated, truncated, {**info, "success": success, "env_steps": k + 1}
+
+
+class SkillFeaturesVecEnv(VecEnvWrapper):
+    """Observations become the frozen skill's view of them: [features (F), unclamped chunk (K * A)] float32.
+
+    The skill (base + LoRA + token) is frozen during residual RL, so it runs once per decision here, batched over
+    the environments and without gradients, and PPO's rollout buffer and updates see only these vectors (PPO's
+    epochs would otherwise re-run the transformer on every stored image). ``terminal_observation`` entries are
+    converted too (PPO bootstraps truncated episodes from them).
+    """
+
+    def __init__(self, venv: VecEnv, policy: nn.Module) -> None:
+        spec = policy.spec
+        self.policy, self.feature_dim = policy, spec.feature_dim
+        self.keys = [k for k in spec.observation if k in venv.observation_space.spaces]
+        missing = sorted(set(spec.observation) - set(self.keys))
+        if missing:
+            raise ValueError(f"the env's observations lack {missing} that the policy reads")
+        size = spec.feature_dim + spec.chunk_size * spec.action_dim
+        super().__init__(venv, observation_space=spaces.Box(-np.inf, np.inf, (size,), np.float32))
+        self.device = policy_device(policy)
+
+    def encode(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        batch = {k: torch.as_tensor(np.asarray(obs[k])).to(self.device) for k in self.keys}
+        with torch.no_grad():
+            chunk, features = self.policy.raw_chunk_and_features(batch)
+        return torch.cat([features, chunk.flatten(1)], dim=1).float().cpu().numpy()
+
+    def reset(self) -> np.ndarray:
+        return self.encode(self.venv.reset())
+
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        ends = [i for i, info in enumerate(infos) if "terminal_observation" in info]
+        if ends:
+            terminal = self.encode({k: np.stack([infos[i]["terminal_observation"][k] for i in ends])
+                                    for k in self.keys})
+            for row, i in enumerate(ends):
+                infos[i]["terminal_observation"] = terminal[row]
+        return self.encode(obs), rewards, dones, infos
+
+
+class ResidualActorCritic(ActorCriticPolicy):
+    """SB3 actor-critic for residual RL on a frozen skill (observations from :class:`SkillFeaturesVecEnv`):
+    Gaussian mean = the skill's unclamped chunk plus the
+    residual head's correction (its first ``n`` actions), so the deterministic action, clipped to the action space,
+    is the skill's ``predict_chunk`` with the head installed. The value head reads the features.
+
+    The regularisation to the behaviour-cloned skill is the KL from this policy to the BC policy with the same std,
+    ``sum(delta^2) / (2 std^2)`` per decision, weighted ``bc_weight``. SB3's PPO has one auxiliary loss term, the
+    entropy bonus, so ``evaluate_actions`` returns ``entropy_coef * entropy - bc_weight * KL`` in its place and PPO
+    runs with ``ent_coef=1``: the loss gains ``bc_weight * KL - entropy_coef * entropy``.
+    """
+
+    def __init__(self, observation_space: spaces.Dict, action_space: spaces.Box, lr_schedule: Callable[[float], float],
+                 *, skill_policy: nn.Module, residual: nn.Module, n: int, init_std: float = 0.05,
+                 value_hidden: int = 64, critic_lr_scale: float = 1.0, bc_weight: float = 0.0,
+                 entropy_coef: float = 0.0, **kwargs: Any) -> None:
+        spec = skill_policy.spec
+        if action_space.shape != (n * spec.action_dim,):
+            raise ValueError(f"action space {action_space.shape} must be (n * action_dim,) = ({n * spec.action_dim},);"
+                             " wrap the env in ExecuteSkill")
+        self.n, self.value_hidden, self.critic_lr_scale = n, value_hidden, critic_lr_scale
+        self.bc_weight, self.entropy_coef = bc_weight, entropy_coef
+        self.chunk_shape = (spec.chunk_size, spec.action_dim)
+        self.feature_dim = spec.feature_dim
+        if observation_space.shape != (spec.feature_dim + spec.chunk_size * spec.action_dim,):
+            raise ValueError(f"observation space {observation_space.shape} is not the skill's [features, chunk]; "
+                             "wrap the VecEnv in SkillFeaturesVecEnv")
+        self._pending = [residual]  # a Module cannot be assigned before nn.Module.__init__ (run by super())
+        super().__init__(observation_space, action_space, lr_schedule, log_std_init=math.log(init_std),
+                         ortho_init=False, normalize_images=False, optimizer_class=ScaledAdam,
+                         optimizer_kwargs={"eps": 1e-5}, **kwargs)
+
+    def _build(self, lr_schedule: Callable[[float], float]) -> None:
+        self.residual = self._pending.pop()
+        f = self.feature_dim
+        self.value_net = nn.Sequential(nn.Linear(f, self.value_hidden), nn.Tanh(),
+                                       nn.Linear(self.value_hidden, self.value_hidden), nn.Tanh(),
+                                       nn.Linear(self.value_hidden, 1))
+        self.log_std = nn.Parameter(torch.full(self.action_space.shape, self.log_std_init))
+        self.optimizer = self.optimizer_class(
+            [{"params": list(self.residual.parameters()) + [self.log_std], "lr_scale": 1.0},
+             {"params": list(self.value_net.parameters()), "lr_scale": self.critic_lr_scale}],
+            lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """What the policy gradient trains: the residual head and the log-std."""
+        return list(self.optimizer.param_groups[0]["params"])
+
+    def _heads(self, obs: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        x = obs.float()  # (B, F + K*A): SkillFeaturesVecEnv's frozen features and chunk
+        f = self.feature_dim
+        features, chunk = x[:, :f], x[:, f:].view(-1, *self.chunk_shape)
+        delta = self.residual(features, chunk)[:, :self.n].flatten(1)  # (B, n * A)
+        mean = chunk[:, :self.n].flatten(1) + delta
+        return self.action_dist.proba_distribution(mean, self.log_std), self.value_net(features), delta
+
+    def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False) -> tuple[torch.Tensor, ...]:
+        distribution, values, _ = self._heads(obs)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values, distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        distribution, values, delta = self._heads(obs)
+        kl = (delta.pow(2) / (2.0 * torch.exp(2.0 * self.log_std.detach()))).sum(1)  # KL(pi || pi_BC), same std
+        aux = self.entropy_coef * distribution.entropy() - self.bc_weight * kl
+        return values, distribution.log_prob(actions), aux
+
+    def get_distribution(self, obs: dict[str, torch.Tensor]) -> Any:
+        return self._heads(obs)[0]
+
+    def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._heads(obs)[1]
+
