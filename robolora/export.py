@@ -9,11 +9,15 @@ atomically (a temporary sibling folder renamed into place):
   without a skill ``task_id`` int64 (B,)) -> ``actions`` (B, K, A); the batch dimension is dynamic. A skill whose
   adapter carries a completion head (``robolora.completion``) has a second output ``done`` (B,): the head's
   probability on ``policy.features``, sigmoid inside the graph; policy.json then records ``"outputs"`` and
-  ``"completion"`` (threshold, k, timeout_ticks, output name) for the controller's sequencer.
+  ``"completion"`` (threshold, k, timeout_ticks, output name) for the controller's sequencer. A skill whose adapter
+  carries a residual action head (``robolora.residual``) is exported with it installed: ``predict_chunk`` adds it
+  before the clamp, so it is part of the graph and the controller needs nothing more.
   Normalisation is inside the graph. Any policy following robolora's policy protocol exports (``robolora.policy``);
   saved checkpoints record their policy kind, so ``load_merged_policy`` rebuilds the right class.
 - ``policy.pt2``: the same program through ``torch.export`` (``torch.export.load`` reads it back).
 - ``model.safetensors``: the merged, stripped state dict (``load_merged_policy`` rebuilds the torch model).
+- ``residual.safetensors``: only for a skill with a residual head (policy.json "residual"), which
+  ``load_merged_policy`` installs again; the head is not a LoRA weight and cannot be merged into the base's.
 - ``policy.json``: observation and action spec, safe-hold action, chunking, control rate, skill, base fingerprint,
   sha256 of every other file and the parity report; ``robolora.controller`` reads it.
 
@@ -66,6 +70,8 @@ from robolora.inject import lora_layers, strip_lora
 from robolora.policies import base_fingerprint, load_policy
 from robolora.policies.checkpoint import POLICY_KINDS, policy_kind
 from robolora.policy import PolicySpec, check_policy, probe_batch
+from robolora.residual import FILE as RESIDUAL_FILE
+from robolora.residual import ResidualHead
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +91,15 @@ class ExportParityError(RuntimeError):
 
 class ExportModule(nn.Module):
     """``policy.predict_chunk`` with positional raw-observation inputs: the function that is exported. With a
-    completion head it also returns the head's probability on ``policy.features`` (``output_names``)."""
+    completion head it also returns the head's probability on ``policy.features`` (``output_names``). ``residual``:
+    the residual head installed on ``policy`` (``set_action_residual``), registered here so the exported programs
+    hold its weights as parameters."""
 
-    def __init__(self, policy: nn.Module, task_id: int | None = None, completion: CompletionHead | None = None) -> None:
+    def __init__(self, policy: nn.Module, task_id: int | None = None, completion: CompletionHead | None = None,
+                 residual: nn.Module | None = None) -> None:
         super().__init__()
         self.policy = policy
+        self.residual = residual
         self.spec: PolicySpec = check_policy(policy, features=completion is not None)
         if completion is not None and completion.feature_dim != self.spec.feature_dim:
             raise ValueError(f"the completion head reads {completion.feature_dim} features but the policy's "
@@ -169,7 +179,11 @@ def export_bundle(
         raise ValueError(f"task_id={task_id} outside [0, {spec.num_tasks}) of the base policy")
     completion = None if adapter is None else adapter.completion
     head = None if completion is None else copy.deepcopy(completion.head).eval().requires_grad_(False)
-    module = ExportModule(policy, task_id, head).eval()
+    residual = None if adapter is None or adapter.residual is None else \
+        copy.deepcopy(adapter.residual).eval().requires_grad_(False)
+    if residual is not None:
+        policy.set_action_residual(residual)  # the graph's own (attach_active installed an equal copy on both)
+    module = ExportModule(policy, task_id, head, residual).eval()
     skill_name = None if adapter is None else adapter.skill
     env_id = env_id or _default_env(skill_name, task_id)
 
@@ -178,7 +192,12 @@ def export_bundle(
     try:
         _write_programs(module, policy, tmp)
         meta = _spec(module, env_id, control_hz, skill_name, task_id, fingerprint, adapter, hold)
-        meta["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in BUNDLE_FILES}
+        files = BUNDLE_FILES
+        if residual is not None:
+            save_file(residual.tensors(), str(tmp / RESIDUAL_FILE))
+            meta["residual"] = {**residual.to_dict(), "file": RESIDUAL_FILE}
+            files = (*files, RESIDUAL_FILE)
+        meta["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
         _write_json(tmp / SPEC_FILE, meta)
         meta["parity"] = _parity(module, unmerged, tmp, tolerance)
         _write_json(tmp / SPEC_FILE, meta)
@@ -268,7 +287,8 @@ def export_skills(
 
 
 def load_merged_policy(bundle: str | Path) -> nn.Module:
-    """The merged torch policy of a bundle, rebuilt from ``policy.json`` and ``model.safetensors`` (strict)."""
+    """The merged torch policy of a bundle, rebuilt from ``policy.json`` and ``model.safetensors`` (strict), with the
+    skill's residual head (``residual.safetensors``) installed when the bundle has one."""
     bundle = Path(bundle)
     meta = json.loads((bundle / SPEC_FILE).read_text())
     kind = meta.get("policy_kind", "visuomotor")
@@ -281,7 +301,21 @@ def load_merged_policy(bundle: str | Path) -> nn.Module:
     if "skill_token" in state:
         policy.set_skill_token(nn.Parameter(torch.zeros_like(state["skill_token"]), requires_grad=False))
     policy.load_state_dict(state, strict=True)
+    if meta.get("residual") is not None:
+        policy.set_action_residual(_read_bundle_residual(bundle, meta))
     return policy.eval()
+
+
+def _read_bundle_residual(bundle: Path, meta: dict[str, Any]) -> ResidualHead:
+    """The bundle's residual head: its file present and matching policy.json's sha256, shapes and values valid."""
+    path = bundle / RESIDUAL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{bundle / SPEC_FILE} records a residual head but {RESIDUAL_FILE} is missing; "
+                                "re-copy or re-export the bundle")
+    recorded = ((meta.get("files") or {}).get(RESIDUAL_FILE) or {}).get("sha256")
+    if recorded is not None and sha256_file(path) != recorded:
+        raise ValueError(f"{path} does not match its sha256 in {SPEC_FILE}; re-copy or re-export the bundle")
+    return ResidualHead.from_files(meta["residual"], load_file(str(path)), bundle)
 
 
 def _outputs(value: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

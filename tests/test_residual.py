@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -206,3 +207,116 @@ def test_the_residual_counts_against_the_skill_budget(monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         completion.train_completion(tiny(), adapter, [])
     assert seen == [adapter.num_parameters + 808], "train-completion's budget counts the residual head"
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """One residual skill ("resid": no env bounds, so probe observations are never faults) exported alone and with
+    a head-less skill, and the same skill without its head."""
+    from robolora.export import export_bundle, export_skills
+
+    root = tmp_path_factory.mktemp("residual_bundles")
+    adapter = dataclasses.replace(residual_adapter(), skill="resid")
+    save_adapter(adapter, root / "adapter")
+    plain = dataclasses.replace(adapter, residual=None, skill="plain")
+    return root, adapter, export_bundle(tiny(), root / "adapter", root / "resid"), \
+        export_bundle(tiny(), plain, root / "plain"), export_skills(tiny(), [root / "adapter", plain], root / "multi")
+
+
+def torch_skill(adapter):
+    policy = tiny()
+    attach_active(policy, adapter)
+    return policy
+
+
+def test_export_puts_the_head_in_the_graph_with_the_same_parity_report(bundles):
+    from robolora.export import PARITY_TOLERANCE, load_merged_policy, probe_inputs
+
+    root, adapter, meta, plain, _ = bundles
+    assert meta["residual"] == {**adapter.residual.to_dict(), "file": FILE}
+    assert (root / "resid" / FILE).is_file() and FILE in meta["files"]
+    assert set(meta["parity"]) == set(plain["parity"]), "the parity report keeps its form"
+    assert meta["parity"]["max_abs_diff"] <= PARITY_TOLERANCE and "residual" not in plain
+    probe = probe_inputs(tiny(), 4, seed=321)
+    inputs = tuple(probe[k] for k in ("rgb_front", "proprio"))
+    with torch.no_grad():
+        expected = torch_skill(adapter).predict_chunk(probe)
+        without = torch_skill(dataclasses.replace(adapter, residual=None)).predict_chunk(probe)
+        program = torch.export.load(str(root / "resid" / "policy.pt2")).module()
+        reloaded = load_merged_policy(root / "resid").predict_chunk(probe)
+        assert (program(*inputs) - expected).abs().max() <= PARITY_TOLERANCE
+    assert (reloaded - expected).abs().max() <= PARITY_TOLERANCE, "load_merged_policy installs the head again"
+    assert (expected - without).abs().max() > 1e-2
+
+
+def test_the_controller_runs_the_head_as_the_torch_policy_does(bundles):
+    from robolora.controller import load_bundle
+    from robolora.export import PARITY_TOLERANCE, probe_inputs
+
+    root, adapter, *_ = bundles
+    policy, controller = torch_skill(adapter), load_bundle(root / "resid")
+    for tick in range(6):  # two chunks' worth of executed actions, new observations every tick
+        obs = {k: v.numpy() for k, v in probe_inputs(policy, 3, seed=tick).items()}
+        with torch.no_grad():
+            expected = policy.select_action(obs)
+        got = controller.select_action(obs)
+        assert controller.fault_count == 0 and np.abs(got - expected).max() <= PARITY_TOLERANCE, tick
+
+
+def test_a_torch_free_controller_runs_the_residual_bundle(bundles, tmp_path):
+    from robolora.export import PARITY_TOLERANCE, probe_inputs
+    from test_controller import run_without_torch
+
+    root, adapter, *_ = bundles
+    probe = {k: v.numpy() for k, v in probe_inputs(tiny(), 2, seed=5).items()}
+    np.savez(tmp_path / "obs.npz", **probe)
+    with torch.no_grad():
+        expected = torch_skill(adapter).predict_chunk({k: torch.from_numpy(v) for k, v in probe.items()}).numpy()
+    result = run_without_torch(f"""
+        import numpy as np
+        from robolora.controller import load_bundle
+        obs = dict(np.load({str(tmp_path / "obs.npz")!r}))
+        result = {{"chunk": load_bundle({str(root / "resid")!r}).predict_chunk(obs).tolist()}}
+        assert "torch" not in sys.modules
+    """)
+    assert np.abs(np.asarray(result["chunk"]) - expected).max() <= PARITY_TOLERANCE
+
+
+def test_multi_skill_bundles_carry_each_skills_head(bundles):
+    from robolora.controller import load_bundle
+    from robolora.export import PARITY_TOLERANCE, load_merged_policy, probe_inputs
+
+    root, adapter, *_, index = bundles
+    assert f"skills/resid/{FILE}" in index["files"] and f"skills/plain/{FILE}" not in index["files"]
+    probe = probe_inputs(tiny(), 2, seed=9)
+    feeds = {k: v.numpy() for k, v in probe.items()}
+    controller = load_bundle(root / "multi")
+    for name, skill in (("resid", adapter), ("plain", dataclasses.replace(adapter, residual=None))):
+        with torch.no_grad():
+            expected = torch_skill(skill).predict_chunk(probe)
+            reloaded = load_merged_policy(root / "multi" / "skills" / name).predict_chunk(probe)
+        controller.activate(name)
+        controller.select_action(feeds)  # the switch applies at a tick boundary
+        assert (reloaded - expected).abs().max() <= PARITY_TOLERANCE, name
+        assert np.abs(controller.predict_chunk(feeds) - expected.numpy()).max() <= PARITY_TOLERANCE, name
+
+
+def test_a_bundle_missing_or_with_a_changed_head_file_is_refused(bundles, tmp_path):
+    import shutil
+
+    from robolora.export import load_merged_policy
+
+    root, *_ = bundles
+    shutil.copytree(root / "resid", tmp_path / "b")
+    tensors = load_file(str(tmp_path / "b" / FILE))
+    tensors["fc2.bias"] += 1.0
+    save_file(tensors, str(tmp_path / "b" / FILE))
+    with pytest.raises(ValueError, match="does not match its sha256 in policy.json"):
+        load_merged_policy(tmp_path / "b")
+    (tmp_path / "b" / FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="records a residual head but residual.safetensors is missing"):
+        load_merged_policy(tmp_path / "b")
+
