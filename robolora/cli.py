@@ -171,11 +171,28 @@ def skill_execution(args: argparse.Namespace) -> dict[str, Any] | None:
     return execution or None
 
 
+def _train_config(args: argparse.Namespace) -> Any:
+    from robolora.train import TrainConfig
+
+    lr = args.lr if args.lr else (1e-3 if args.method == "lora" else 3e-4)
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0,
+                       warmup_steps=min(100, args.steps // 10), seed=args.seed, device=args.device,
+                       checkpoint_every=args.checkpoint_every, augment_shift=args.augment_shift,
+                       eval_every=args.select_every if args.select_episodes else 0)
+
+
 def cmd_train_skill(args: argparse.Namespace) -> int:
+    from robolora.integrations.lerobot import is_lerobot_policy_folder
+    from robolora.integrations.lerobot_data import lerobot_dataset_version
+
+    if is_lerobot_policy_folder(args.base) or lerobot_dataset_version(args.data) is not None:
+        return _train_lerobot_skill(args)
+    if args.skill:
+        raise ValueError(f"--skill names a skill of a LeRobotDataset; a robolora demo folder names its skill by its "
+                         f"task ({args.data}'s manifest): drop --skill")
     from robolora.config import LoRAConfig
     from robolora.policies.checkpoint import policy_class
     from robolora.recipes import train_skill
-    from robolora.train import TrainConfig
 
     base = resolve_run(args.base, "policy", "config.json")
     policy_cls = policy_class(base)  # its default targets: attention projections (+ MLP with --mlp)
@@ -183,11 +200,7 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
     if args.targets:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank, targets=targets)
-    lr = args.lr if args.lr else (1e-3 if args.method == "lora" else 3e-4)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, weight_decay=0.0,
-                         warmup_steps=min(100, args.steps // 10), seed=args.seed, device=args.device,
-                         checkpoint_every=args.checkpoint_every, augment_shift=args.augment_shift,
-                         eval_every=args.select_every if args.select_episodes else 0)
+    config = _train_config(args)
     bar = Progress(args.steps, f"train-skill {args.method}", not args.json)
     try:
         info = train_skill(base, args.data, args.out, method=args.method,
@@ -205,6 +218,53 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
     if "selection" in info:
         summary["selected_step"] = info["selection"]["step"]
         summary["val_success"] = info["selection"]["success_rate"]
+    emit(args, info if args.json else summary)
+    return 0
+
+
+def _train_lerobot_skill(args: argparse.Namespace) -> int:
+    """train-skill on a LeRobot policy folder (``--base``) and a local LeRobotDataset v3 (``--data``): LoRA on the
+    frozen policy through ``robolora.integrations.lerobot_data.train_lerobot_skill``. Everything the two folders
+    say is checked before lerobot is imported or anything is written."""
+    from robolora.config import LoRAConfig
+    from robolora.integrations import lerobot_data
+    from robolora.integrations.lerobot import LeRobotPolicy, is_lerobot_policy_folder, resolve_lerobot_policy_folder
+
+    version = lerobot_data.lerobot_dataset_version(args.data)
+    if not is_lerobot_policy_folder(args.base):
+        raise ValueError(f"--data {args.data} is a LeRobotDataset ({version}); train on it with the LeRobot policy "
+                         f"it fits: --base <a saved LeRobot policy folder (config.json with \"type\", "
+                         f"model.safetensors, processor files) or a lerobot-train output folder>; {args.base} is not one")
+    if version is None:
+        raise ValueError(f"--base {args.base} is a LeRobot policy folder, so --data must be a LeRobotDataset v3 folder "
+                         f"(meta/info.json); {args.data} is not one. Convert robolora demos with `robolora convert "
+                         f"--to lerobot {args.data} --out {args.data}_lerobot`")
+    unsupported = {"--method": args.method != "lora", "--demos": args.demos is not None,
+                   "--select-episodes": bool(args.select_episodes), "--eval-episodes": bool(args.eval_episodes)}
+    unsupported = [flag for flag, given in unsupported.items() if given]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} not available for a LeRobot policy (robolora trains LoRA skills "
+                         "on it from the whole dataset; use lerobot-train for full fine-tuning, lerobot-eval to "
+                         "evaluate): drop them")
+    targets = LeRobotPolicy.lora_targets + (LeRobotPolicy.lora_mlp_targets if args.mlp else ())
+    if args.targets:
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    lora = LoRAConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank, targets=targets)
+    base = resolve_lerobot_policy_folder(args.base)
+    bar = Progress(args.steps, "train-skill lora (LeRobot)", not args.json)
+    try:
+        info = lerobot_data.train_lerobot_skill(base, args.data, args.out, skill=args.skill, lora=lora,
+                                                config=_train_config(args), execution=skill_execution(args),
+                                                resume=args.resume, on_step=bar.update_to)
+    except ImportError as e:  # lerobot missing: the message says what to install
+        raise ValueError(str(e)) from e
+    finally:
+        bar.close()
+    summary = {"skill": info["skill"], "method": "lora", "out": info["out"], "lerobot_policy": str(base),
+               "samples": info["samples"], "trainable_params": info["trainable_params"],
+               "trainable_%_of_base": round(info["trainable_percent_of_base"], 3),
+               "train_loss": info["train_metrics"]["train/loss"],
+               "train_wall_s": round(info["train_metrics"]["train/wall_s"], 1)}
     emit(args, info if args.json else summary)
     return 0
 
@@ -369,15 +429,33 @@ def cmd_finetune_rl(args: argparse.Namespace) -> int:
 
     from robolora.rl import RLConfig, finetune_rl
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
     bar = Progress(args.steps, "finetune-rl", not args.json)
     try:
         info = finetune_rl(resolve_run(args.skill, "adapter", "adapter.json"), args.steps, args.out,
-                           base=resolve_run(args.base, "policy", "config.json"), config=config,
-                           eval_episodes=args.eval_episodes, progress=bar.update_to)
+                           base=resolve_run(args.base, "policy", "config.json"), config=config, env_id=args.env,
+                           eval_episodes=args.eval_episodes, resume=args.resume, progress=bar.update_to)
     finally:
         bar.close()
-    emit(args, info)
+
+    def table() -> str:
+        rows = [{"": "best validation success", "value": f"{info['rl/best_validation_success']:.2f} at "
+                 f"{info['rl/best_step']} env steps"},
+                {"": "env steps / wall", "value": f"{info['rl/env_steps']} / {info['rl/wall_s']:.0f} s"},
+                {"": "residual head", "value": f"{info['rl/residual_params']} params (skill "
+                 f"{info['rl/skill_percent_of_base']:.2f}% of the base)"}]
+        if "eval" in info:
+            m = info["eval"]
+            rows.append({"": "held-out success", "value": f"{m['eval/success_rate']:.2f} [{m['eval/ci_low']:.2f}, "
+                         f"{m['eval/ci_high']:.2f}] over {m['eval/episodes']} episodes"})
+        return format_table(rows, ["", "value"]) + f"\nadapter: {info['out']}"
+
+    emit(args, {k: v for k, v in info.items() if k != "eval"} | (
+        {"eval": {k: v for k, v in info["eval"].items() if k != "episodes"}} if "eval" in info else {}), table)
     return 0
 
 
@@ -552,10 +630,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "--lr 2e-3 --steps 6000 --temporal-ensemble 0.05 \\\n      --targets "
                            "attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head,proprio_proj\n"
                            "the shipped wipe recipe executes 8-action chunks instead: --n-action-steps 8 in place of "
-                           "--temporal-ensemble 0.05 (200 demos; 0.96)"))
-    p.add_argument("--data", type=Path, required=True, help="dataset folder of the skill (robolora collect)")
+                           "--temporal-ensemble 0.05 (200 demos; 0.96)\n"
+                           "a LeRobot policy on a LeRobotDataset v3 (Python >= 3.12, pip install \"robolora[lerobot]\";"
+                           " docs/lerobot.md):\n  robolora train-skill --base runs/lerobot_act --data "
+                           "data/lerobot/pick_place --out runs/lerobot_pick_place --mlp"))
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset folder of the skill: robolora demos (robolora collect) or a local LeRobotDataset v3 "
+                        "(meta/info.json; needs --base LeRobot policy and the lerobot extra)")
     p.add_argument("--out", type=Path, required=True, help="run folder; the adapter goes to OUT/adapter")
-    p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="base policy checkpoint (default: the shipped base), or a saved LeRobot policy folder "
+                        "(config.json with \"type\": act) / lerobot-train output folder")
+    p.add_argument("--skill", default=None,
+                   help="skill name, for a LeRobotDataset (default: its task, when it holds one)")
     p.add_argument("--method", default="lora", choices=["lora", "full", "scratch"],
                    help="lora (default; base frozen), full fine-tuning, or from scratch (baselines)")
     p.add_argument("--rank", type=int, default=4,
@@ -638,14 +725,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_rollout)
 
-    p = sub.add_parser("finetune-rl", help="PPO fine-tuning of a skill adapter's LoRA weights (base frozen)",
-                       epilog="example: robolora finetune-rl --skill runs/wipe --steps 100000 --out runs/wipe_rl "
-                              "--eval-episodes 50")
+    p = sub.add_parser("finetune-rl", help="RL (PPO) fine-tuning of a skill's residual action head (base and LoRA "
+                                           "frozen)",
+                       epilog="example: robolora finetune-rl --skill runs/dish_rack50 --steps 150000 --out "
+                              "runs/dish_rack_rl --eval-episodes 50 --threads 1   (docs/rl.md)")
     p.add_argument("--skill", type=Path, required=True, help="skill adapter folder (or train-skill run folder)")
-    p.add_argument("--steps", type=int, required=True, help="environment steps (rounded up to whole rollouts)")
-    p.add_argument("--out", type=Path, required=True, help="run folder; the adapter goes to OUT/adapter")
+    p.add_argument("--steps", type=int, required=True, help="environment steps of RL")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder: OUT/checkpoint (after each validation) and OUT/adapter (the result)")
     p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
-    p.add_argument("--eval-episodes", type=int, default=0, help="evaluate before and after on N held-out seeds")
+    p.add_argument("--env", default=None, help="gym id to train on (default: the skill's task)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint after a kill")
+    p.add_argument("--eval-episodes", type=int, default=0, help="evaluate the result on N held-out seeds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (1 is fastest for batch-8 rollouts on a busy 2-core machine)")
     _add_dataclass_flags(p, "robolora.rl", "RLConfig", skip=("device",))
     _common(p)
     p.set_defaults(func=cmd_finetune_rl)
