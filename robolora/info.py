@@ -65,6 +65,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     elif kind == "skill adapter":
         info["adapter"] = json.loads((path / "adapter.json").read_text())
         info["weights"] = tensor_summary(path / "adapter.safetensors")
+        for head in ("residual", "completion"):  # the optional heads' own files (robolora.residual, .completion)
+            if (path / f"{head}.safetensors").is_file():
+                info[f"{head}_weights"] = tensor_summary(path / f"{head}.safetensors")
     elif kind == "PEFT adapter":
         info["adapter_config"] = json.loads((path / "adapter_config.json").read_text())
         info["weights"] = tensor_summary(path / "adapter_model.safetensors")
@@ -123,6 +126,16 @@ def summary(info: dict[str, Any]) -> str:
                                        f"on {train.get('device', '?')}"))
         if a.get("execution"):
             rows.append(("execution", a["execution"]))
+        r = a.get("residual")
+        if isinstance(r, dict):
+            n = info.get("residual_weights", {}).get("parameters", r.get("parameters"))
+            size = f"{n:,} parameters" if isinstance(n, int) else "parameters unknown"
+            rows.append(("residual head", f"{size} (hidden {r.get('hidden')} on {r.get('feature_dim')} features + the "
+                                          f"{r.get('chunk_size')}x{r.get('action_dim')} chunk; added to every "
+                                          "predicted chunk)"))
+        heads = [info[k]["parameters"] for k in ("residual_weights", "completion_weights") if k in info]
+        if heads:
+            rows.append(("skill total", f"{w['parameters'] + sum(heads):,} parameters (LoRA + token + heads)"))
         if a.get("eval"):
             rows.append(("success", _eval_line(a["eval"])))
     elif kind == "PEFT adapter":
@@ -133,6 +146,8 @@ def summary(info: dict[str, Any]) -> str:
         spec = info["spec"]
         rows += [(key, spec[key]) for key in ("skill", "skills", "base_fingerprint", "inputs", "outputs")
                  if key in spec]
+        if isinstance(spec.get("residual"), dict):
+            rows.append(("residual head", f"{spec['residual'].get('parameters')} parameters, inside the graph"))
         rows.append(("files", ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in info["files"].items())))
     else:
         m = info["manifest"]

@@ -320,3 +320,21 @@ def test_a_bundle_missing_or_with_a_changed_head_file_is_refused(bundles, tmp_pa
     with pytest.raises(FileNotFoundError, match="records a residual head but residual.safetensors is missing"):
         load_merged_policy(tmp_path / "b")
 
+
+# ------------------------------------------------------------------------------------------- robolora info
+
+
+def test_info_shows_the_residual_head(tmp_path, capsys, bundles):
+    from robolora.cli import main
+
+    adapter = residual_adapter()
+    save_adapter(adapter, tmp_path / "wipe")
+    assert main(["info", str(tmp_path / "wipe")]) == 0
+    out = capsys.readouterr().out
+    assert "residual head      808 parameters (hidden 8 on 32 features + the 8x4 chunk" in out
+    assert f"skill total        {adapter.num_parameters + 808:,} parameters" in out
+    assert main(["info", str(bundles[0] / "resid")]) == 0
+    assert "residual head      808 parameters, inside the graph" in capsys.readouterr().out
+    save_adapter(trained_adapter(), tmp_path / "plain")
+    assert main(["info", str(tmp_path / "plain")]) == 0
+    assert "residual head" not in capsys.readouterr().out
