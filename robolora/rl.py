@@ -43,7 +43,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-from robolora.adapters import attach_active, load_adapter, save_adapter
+from robolora.adapters import attach_active, check_skill_budget, load_adapter, save_adapter
 from robolora.atomic import atomic_dir, write_json
 from robolora.envs import TASKS
 from robolora.evaluate import evaluate, make_env
@@ -59,7 +59,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
-BUDGET_PERCENT = 2.0  # LoRA + residual head (+ completion head), in percent of the base's parameters
 
 
 def _field(default: Any, help: str) -> Any:
@@ -287,14 +286,17 @@ def finetune_rl(
     fingerprint = base_fingerprint(policy)
     torch.manual_seed(config.seed)
     residual = ResidualHead(spec.feature_dim, spec.chunk_size, spec.action_dim, config.residual_hidden).to(device)
-    skill_params = source.num_parameters + residual.num_parameters()
-    if source.completion is not None:
-        skill_params += sum(p.numel() for p in source.completion.head.parameters())
-    percent = 100.0 * skill_params / base_params
-    if percent > BUDGET_PERCENT:
-        raise ValueError(f"adapter {skill} ({source.num_parameters} params) plus a residual head of "
-                         f"{residual.num_parameters()} is {percent:.2f}% of the base, over the {BUDGET_PERCENT}% "
-                         f"skill budget; lower --residual-hidden")
+    if source.residual is not None:  # continue from the adapter's own head: RL starts at the source's behaviour
+        if source.residual.hidden != config.residual_hidden:
+            raise ValueError(f"adapter {skill} already has a residual head of width {source.residual.hidden}; "
+                             f"pass --residual-hidden {source.residual.hidden} to continue training it")
+        residual.load_state_dict(source.residual.state_dict())
+    policy.set_action_residual(None)  # the head being trained is applied by the RL actor, not by predict_chunk
+    try:
+        counts = check_skill_budget(dataclasses.replace(source, residual=residual), base_params)
+    except ValueError as e:
+        raise ValueError(f"{e}; lower --residual-hidden") from None
+    percent = counts["percent_of_base"]
     terms = shaping_terms(env_id) if config.shaped_weight > 0 else []
     source_sha = _sha256(skill / "adapter.safetensors")
 
