@@ -10,6 +10,7 @@ group in tests/lerobot/ runs the same loop on the real LeRobot ACT.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,93 @@ def inject_and_fill(policy: LeRobotPolicy, name: str) -> LeRobotPolicy:
         for layer in lora_layers(policy).values():
             layer.lora_B[name].normal_(0.0, 0.2, generator=torch.Generator().manual_seed(0))
     return policy
+
+
+# ------------------------------------------------------------------------ robolora train-skill on LeRobot folders
+
+
+def lerobot_folders(root: Path, config: dict | None = None, info: dict | None = None) -> tuple[Path, Path]:
+    """A LeRobot policy folder and a LeRobotDataset v3 folder as far as robolora reads them without lerobot: the
+    fixture config.json (a placeholder model.safetensors) and the fixture meta/info.json."""
+    act, data = root / "act", root / "data"
+    act.mkdir(parents=True)
+    (act / "config.json").write_text(json.dumps(config or fixture_config()))
+    (act / "model.safetensors").write_bytes(b"")
+    (data / "meta").mkdir(parents=True)
+    (data / "meta" / "info.json").write_text(json.dumps(info or json.loads((FIXTURES / "dataset_info.json")
+                                                                           .read_text())))
+    return act, data
+
+
+def test_train_skill_routes_lerobot_folders_to_train_lerobot_skill(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from robolora import cli
+    from robolora.integrations import lerobot_data
+
+    act, data = lerobot_folders(tmp_path)
+    calls = []
+
+    def fake(policy_folder, dataset_folder, out_dir, **kwargs):
+        calls.append((Path(policy_folder), Path(dataset_folder), Path(out_dir), kwargs))
+        return {"skill": kwargs["skill"] or "reach", "out": str(Path(out_dir) / "adapter"), "samples": 42,
+                "trainable_params": 10, "trainable_percent_of_base": 0.1,
+                "train_metrics": {"train/loss": 0.5, "train/wall_s": 1.0}}
+
+    monkeypatch.setattr(lerobot_data, "train_lerobot_skill", fake)
+    run = tmp_path / "runs" / "act"  # a lerobot-train output folder stands for its last checkpoint
+    (run / "checkpoints" / "last").mkdir(parents=True)
+    act.rename(run / "checkpoints" / "last" / "pretrained_model")
+    assert cli.main(["train-skill", "--base", str(run), "--data", str(data), "--out", str(tmp_path / "out"),
+                     "--mlp", "--rank", "2", "--steps", "5", "--n-action-steps", "2", "--skill", "pick"]) == 0
+    (base, dataset, out, kwargs), = calls
+    assert base == run / "checkpoints" / "last" / "pretrained_model" and dataset == data
+    assert out == tmp_path / "out" and kwargs["skill"] == "pick"
+    assert kwargs["lora"].targets == LeRobotPolicy.lora_targets + LeRobotPolicy.lora_mlp_targets
+    assert kwargs["lora"].rank == 2 and kwargs["config"].steps == 5 and kwargs["config"].lr == 1e-3
+    assert kwargs["execution"] == {"n_action_steps": 2} and kwargs["resume"] is False
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lerobot missing", r'needs lerobot.*pip install "robolora\[lerobot\]" in a Python >= 3.12'),
+    ("unsupported type", r"LeRobot policy type 'diffusion' is not supported; .* supports \['act'\]"),
+    ("misshapen image", r"feature 'observation.images.front' has shape \[16, 16, 3\], the policy reads \[32, 32, 3\]"),
+    ("missing state", r"lacks the feature\(s\) \['observation.state'\] the policy reads"),
+    ("v2.1 dataset", r"is a LeRobotDataset v2.1; robolora reads LeRobotDataset v3.x.*convert_dataset_v21_to_v30"),
+    ("robolora base", r"is a LeRobotDataset \(v3.0\); train on it with the LeRobot policy it fits: --base"),
+    ("robolora demos", r"must be a LeRobotDataset v3 folder.*robolora convert --to lerobot"),
+    ("full fine-tuning", r"--method, --eval-episodes not available for a LeRobot policy"),
+    ("bad execution", r"n_action_steps=9 must be in \[1, chunk_size=8\]"),
+])
+def test_train_skill_refuses_bad_lerobot_input_by_name_writing_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, case: str,
+        message: str) -> None:
+    """Each refusal comes before lerobot is imported (it is blocked here) and before --out is created."""
+    from robolora import cli
+
+    monkeypatch.setitem(sys.modules, "lerobot", None)
+    info = json.loads((FIXTURES / "dataset_info.json").read_text())
+    features = info["features"]
+    config, flags = fixture_config(), []
+    if case == "unsupported type":
+        config["type"] = "diffusion"
+    elif case == "misshapen image":
+        features["observation.images.front"]["shape"] = [16, 16, 3]
+    elif case == "missing state":
+        del features["observation.state"]
+    elif case == "v2.1 dataset":
+        info["codebase_version"] = "v2.1"
+    elif case == "full fine-tuning":
+        flags = ["--method", "full", "--eval-episodes", "5"]
+    elif case == "bad execution":
+        flags = ["--n-action-steps", "9"]
+    act, data = lerobot_folders(tmp_path, config, info)
+    if case == "robolora demos":
+        data = tmp_path / "demos"
+        data.mkdir()
+    base = [] if case == "robolora base" else ["--base", str(act)]  # the default: robolora's shipped base
+    out = tmp_path / "out"
+    assert cli.main(["train-skill", *base, "--data", str(data), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robolora train-skill: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert not out.exists()

@@ -395,18 +395,48 @@ class LeRobotPolicy(ChunkedActing, nn.Module):
                                     if key in self.features.key_map else ""))
 
 
+def resolve_lerobot_policy_folder(path: str | Path) -> Path:
+    """A saved LeRobot policy folder: ``path`` itself, or the last checkpoint of a ``lerobot-train`` output folder
+    (``checkpoints/last/pretrained_model``) when ``path`` is one."""
+    path = Path(path)
+    last = path / "checkpoints" / "last" / "pretrained_model"
+    return last if not (path / CONFIG_FILE).is_file() and (last / CONFIG_FILE).is_file() else path
+
+
+def is_lerobot_policy_folder(path: str | Path) -> bool:
+    """Whether ``path`` (or the last checkpoint of a ``lerobot-train`` run in it) holds a LeRobot policy's
+    ``config.json``: a JSON object with a string ``"type"`` (robolora's checkpoints have none). Read without lerobot;
+    whether the type is supported is :func:`read_lerobot_features`'s question."""
+    path = resolve_lerobot_policy_folder(path) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("type"), str) and "format" not in config
+
+
+def read_lerobot_features(folder: str | Path) -> LeRobotFeatures:
+    """What a saved LeRobot policy folder reads and writes, from its ``config.json`` alone (no lerobot needed):
+    refuses a folder that is not a complete LeRobot policy folder or whose policy type is not supported."""
+    folder = Path(folder)
+    return LeRobotFeatures.from_config(_read_config(folder), str(folder / CONFIG_FILE))
+
+
 def load_lerobot_policy(folder: str | Path, *, device: str = "cpu",
                         action_bounds: tuple[float, float] | None = None) -> LeRobotPolicy:
     """Load a saved LeRobot policy folder as a frozen, eval-mode ``LeRobotPolicy`` on ``device``.
 
     The folder holds ``config.json``, ``model.safetensors`` (loaded strictly: every tensor present, none extra)
-    and the processor files. Nothing is downloaded: the config's ``pretrained_backbone_weights`` is ignored
-    (the weights come from ``model.safetensors``). ``action_bounds`` clamps predicted actions (e.g. (-1, 1) for
-    robolora's envs); without it actions are LeRobot's, unclamped.
+    and the processor files; a ``lerobot-train`` output folder stands for its last checkpoint. Nothing is
+    downloaded: the config's ``pretrained_backbone_weights`` is ignored (the weights come from
+    ``model.safetensors``). ``action_bounds`` clamps predicted actions (e.g. (-1, 1) for robolora's envs); without
+    it actions are LeRobot's, unclamped.
     """
-    folder = Path(folder)
+    folder = resolve_lerobot_policy_folder(folder)
     config = _read_config(folder)
-    LeRobotFeatures.from_config(config, str(folder / CONFIG_FILE))  # refuse before importing lerobot
+    read_lerobot_features(folder)  # refuse before importing lerobot
     require_lerobot()
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors

@@ -19,7 +19,10 @@ action chunks through ``delta_timestamps``, frames as uint8), each sample in rob
 ``LeRobotPolicy``, so ``robolora.train.train`` trains a skill on it. Its features are checked against the policy's
 before anything is read (``check_dataset_features``). lerobot decodes the videos (torchcodec with a system FFmpeg,
 else PyAV). ``train_lerobot_skill(policy_folder, dataset_folder, out_dir)`` is the whole recipe: a LoRA skill on a
-frozen LeRobot policy from a local LeRobotDataset, saved as a robolora adapter.
+frozen LeRobot policy from a local LeRobotDataset, saved as a robolora adapter; ``robolora train-skill`` runs it when
+``--base`` is a LeRobot policy folder or ``--data`` a LeRobotDataset (``lerobot_dataset_version``). Before lerobot is
+imported, ``check_training_inputs`` refuses what the two folders' JSON files already rule out (an unsupported policy
+type, a dataset that is not v3, features that do not fit the policy).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torch.utils.data import Dataset
 
 from robolora.config import LoRAConfig
 from robolora.integrations.lerobot import (ACTION_KEY, IMAGE_PREFIX, STATE_KEY, LeRobotFeatures, LeRobotPolicy,
-                                           load_lerobot_policy, require_lerobot)
+                                           load_lerobot_policy, read_lerobot_features, require_lerobot,
+                                           resolve_lerobot_policy_folder)
 
 if TYPE_CHECKING:
     from robolora.train import TrainConfig
@@ -46,6 +50,8 @@ logger = logging.getLogger(__name__)
 FPS = 20  # robolora's envs step at 20 Hz (envs.base: render_fps)
 ROBOT_TYPE = "robolora_mujoco_gripper"
 SUCCESS_KEY = "next.success"
+INFO_FILE = Path("meta") / "info.json"
+V21_TO_V30 = "python -m lerobot.scripts.convert_dataset_v21_to_v30 --repo-id=<repo_id>"  # LeRobot's own converter
 
 
 def lerobot_features(cameras: Sequence[str], image_size: int, proprio_dim: int = 10, action_dim: int = 4,
@@ -135,6 +141,50 @@ def check_dataset_features(dataset_features: Mapping[str, Mapping[str, Any]], fe
             raise ValueError(f"{where}: feature {key!r} has shape {list(got)}, the policy reads {list(shape)}")
 
 
+def lerobot_dataset_version(root: str | Path) -> str | None:
+    """The ``codebase_version`` of a LeRobotDataset folder (``"v3.0"``), read from ``meta/info.json`` without
+    lerobot; None when ``root`` holds no ``meta/info.json`` (not a LeRobotDataset), ``"unknown"`` when it names none."""
+    path = Path(root) / INFO_FILE
+    if not path.is_file():
+        return None
+    version = _read_info(path).get("codebase_version")
+    return version if isinstance(version, str) and version else "unknown"
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the dataset's metadata is corrupt") from err
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} must hold a JSON object; the dataset's metadata is corrupt")
+    return info
+
+
+def check_training_inputs(policy_folder: str | Path, dataset_folder: str | Path) -> LeRobotFeatures:
+    """Refuse, before lerobot is imported or anything is written, a LeRobot policy folder and a dataset that cannot
+    train a skill together: the policy folder incomplete or of an unsupported type, the dataset not a LeRobotDataset
+    v3 (a v2.x one names LeRobot's converter), or its features not holding every input and the action the policy
+    reads at the policy's shapes (the missing or misshapen key is named). Returns the policy's features."""
+    features = read_lerobot_features(resolve_lerobot_policy_folder(policy_folder))
+    root = Path(dataset_folder)
+    version = lerobot_dataset_version(root)
+    if version is None:
+        raise FileNotFoundError(f"{root} is not a LeRobotDataset v3 folder (no {INFO_FILE}); write one with "
+                                "`robolora convert --to lerobot DEMOS --out OUT` or LeRobot's recorder")
+    if not version.startswith("v3."):
+        hint = f"; convert it with LeRobot's `{V21_TO_V30}`" if version.startswith("v2") else ""
+        raise ValueError(f"{root} is a LeRobotDataset {version}; robolora reads LeRobotDataset v3.x (the layout "
+                         f"lerobot >= 0.4 writes){hint}")
+    info = _read_info(root / INFO_FILE)
+    if not isinstance(info.get("features"), Mapping):
+        raise ValueError(f"{root / INFO_FILE} has no \"features\" object; the dataset's metadata is corrupt")
+    check_dataset_features(info["features"], features, str(root))
+    return features
+
+
 class LeRobotFrames(Dataset):
     """Samples of a local LeRobotDataset v3 folder in a ``LeRobotPolicy``'s robolora batch format.
 
@@ -181,36 +231,47 @@ class LeRobotFrames(Dataset):
 def train_lerobot_skill(policy_folder: str | Path, dataset_folder: str | Path, out_dir: str | Path, *,
                         skill: str | None = None, lora: LoRAConfig | None = None, config: TrainConfig | None = None,
                         action_bounds: tuple[float, float] | None = None,
+                        execution: Mapping[str, Any] | None = None, resume: bool = False,
                         on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train a LoRA skill on the frozen LeRobot policy in ``policy_folder`` from the local LeRobotDataset v3 in
     ``dataset_folder`` with robolora's loop (``robolora.train.train``); the adapter goes to ``out_dir/adapter``.
 
     ``skill`` defaults to the dataset's task when it has one. ``lora`` defaults to rank 4 on every attention
-    projection of ACT's encoder and decoder (``LeRobotPolicy.lora_targets``). Returns what was trained and where.
+    projection of ACT's encoder and decoder (``LeRobotPolicy.lora_targets``). ``execution`` (``n_action_steps``,
+    ``temporal_ensemble``) is the skill's own chunk execution, saved in adapter.json (default: the policy's).
+    ``resume`` continues from the last checkpoint in ``out_dir``. Bad input is refused before lerobot is imported
+    and before anything is written (:func:`check_training_inputs`). Returns what was trained and where.
     """
-    from robolora.adapters import adapter_from_policy, save_adapter
+    from robolora.adapters import adapter_from_policy, save_adapter, validate_execution
     from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
     from robolora.policies import base_fingerprint
+    from robolora.policy import Execution
     from robolora.train import TrainConfig, train
 
+    features = check_training_inputs(policy_folder, dataset_folder)
+    execution = validate_execution(execution, features.execution)
+    if execution:
+        Execution(**{**features.execution.to_dict(), **execution}).check(features.chunk_size)
     config = config or TrainConfig(steps=3000, lr=1e-3, weight_decay=0.0, warmup_steps=100)
     lora = lora or LoRAConfig(rank=4, alpha=8.0, targets=LeRobotPolicy.lora_targets)
     policy = load_lerobot_policy(policy_folder, action_bounds=action_bounds)
     frames = LeRobotFrames(dataset_folder, policy)
     tasks = list(frames.dataset.meta.tasks.index)
     if skill is None and len(tasks) != 1:
-        raise ValueError(f"{dataset_folder} holds the tasks {tasks}; name the skill (skill=...)")
+        raise ValueError(f"{dataset_folder} holds the tasks {tasks}; name the skill (skill=..., or robolora train-skill --skill NAME)")
     skill = skill or str(tasks[0])
     fingerprint = base_fingerprint(policy)
     inject_lora(policy, lora, skill, generator=torch.Generator().manual_seed(config.seed))
     mark_only_lora_trainable(policy)
     set_active_adapter(policy, skill)
     counts = count_parameters(policy)
-    metrics = train(policy, frames, config, out_dir, on_step=on_step)
+    metrics = train(policy, frames, config, out_dir, resume=resume, on_step=on_step)
     info = {"skill": skill, "lerobot_policy": str(policy_folder), "data": str(dataset_folder),
             "samples": len(frames), "trainable_params": counts["trainable"],
             "trainable_percent_of_base": 100.0 * counts["trainable"] / (counts["total"] - counts["trainable"]),
             "train_config": config.to_dict(), "train_metrics": metrics}
+    if execution:
+        info["execution"] = execution
     adapter = adapter_from_policy(policy.cpu(), skill, metadata={k: v for k, v in info.items() if k != "skill"})
     if adapter.base_fingerprint != fingerprint:
         raise RuntimeError("the base weights moved during LoRA training (robolora.inject bug)")

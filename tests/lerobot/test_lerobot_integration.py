@@ -119,6 +119,30 @@ def test_a_skill_trains_on_the_lerobot_dataset_touching_only_lora(work: dict[str
     assert len(adapter.lora) == 16 and any(b.abs().sum() > 0 for _, b in adapter.lora.values())
 
 
+def test_train_skill_command_trains_a_skill_on_a_lerobot_dataset(work: dict[str, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """`robolora train-skill --base <LeRobot ACT> --data <LeRobotDataset v3>`: the CLI path end to end."""
+    from robolora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-skill", "--base", str(work["act"]), "--data", str(work["dataset"]), "--out", str(out),
+                 "--mlp", "--rank", "2", "--steps", "3", "--batch-size", "4", "--device", "cpu",
+                 "--n-action-steps", "2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["skill"] == "reach" and info["out"] == str(out / "adapter") and info["samples"] > 0
+    assert np.isfinite(info["train_metrics"]["train/loss"]) and info["execution"] == {"n_action_steps": 2}
+    adapter = load_adapter(out / "adapter")
+    assert len(adapter.lora) == 16 and adapter.config.rank == 2 and adapter.metadata["execution"]["n_action_steps"] == 2
+    policy = load_lerobot_policy(work["act"])
+    assert adapter.base_fingerprint == base_fingerprint(policy)  # the base did not move
+    manager = SkillManager(policy, mode="bank")
+    assert manager.attach("reach", adapter).live  # trained: it changes the actions
+    manager.activate("reach")
+    assert manager.predict_chunk(policy.spec.probe(2)).shape == (2, 8, 4)
+    assert manager.execution.n_action_steps == 2  # the skill's own execution, applied with it
+    manager.close()
+
+
 @pytest.mark.parametrize("mode", ["bank", "inplace", "unmerged"])
 def test_skill_manager_switches_a_lerobot_act(work: dict[str, Path], mode: str) -> None:
     policy = load_lerobot_policy(work["act"])
