@@ -409,7 +409,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     try:
         m = rollout_main(args.skills, resolve_run(args.base, "policy", "config.json"), episodes=args.episodes,
                          seed=args.seed, switch=args.switch, schedule_ticks=args.schedule, mode=args.mode,
-                         video_path=args.video, device=str(resolve_device(args.device)), progress=bar.update_to)
+                         video_path=args.video, device=str(resolve_device(args.device)), progress=bar.update_to,
+                         env_id=args.env)
     finally:
         bar.close()
 
@@ -417,6 +418,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         timing = (f"switch latency p50/p99/max: {m['rollout/switch_us_p50']:.1f} / {m['rollout/switch_us_p99']:.1f} / "
                   f"{m['rollout/switch_us_max']:.1f} us; policy step p50/p99: {m['rollout/latency_ms_p50']:.2f} / "
                   f"{m['rollout/latency_ms_p99']:.2f} ms; mean length {m['rollout/mean_length']:.1f}")
+        if "rollout/premature_switches" in m:
+            timing += (f"\nlearned switches: {m['rollout/premature_switches']} premature; completion head p50/p99: "
+                       f"{m['rollout/completion_ms_p50']:.2f} / {m['rollout/completion_ms_p99']:.2f} ms")
         return format_table(rollout_rows(m), ["stage", "success", "ci95"]) + "\n" + timing + (
             f"\nvideo: {m['video']}" if m.get("video") else "")
 
@@ -709,15 +713,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("rollout", help="two-stage kitchen episodes, switching skills at run time (SkillManager)",
-                       epilog="example: robolora rollout --skills wipe,dish_rack --episodes 50 --video kitchen.gif")
+    p = sub.add_parser("rollout", help="multi-stage episodes (the kitchen by default), switching skills at run time "
+                                       "(SkillManager)",
+                       epilog="examples:\n  robolora rollout --skills wipe,dish_rack --episodes 50 --video kitchen.gif"
+                              "\n  robolora rollout --skills wipe,dish_rack --switch learned  # on the adapters' "
+                              "completion heads",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skills", default="wipe,dish_rack",
                    help="comma-separated skills in stage order: shipped names or adapter folders")
+    p.add_argument("--env", default="kitchen",
+                   help="task name or env id (default kitchen); with --switch success or schedule it must "
+                        "report info['stage_success'], one flag per skill; with --switch learned any env")
     p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
     p.add_argument("--episodes", type=int, default=50, help="episodes (default 50)")
     p.add_argument("--seed", type=int, default=None, help="first episode seed (default: held-out range)")
-    p.add_argument("--switch", default="success", choices=["success", "schedule"],
-                   help="switch on the stage's success signal (default) or at --schedule ticks")
+    p.add_argument("--switch", default="success", choices=["success", "schedule", "learned"],
+                   help="switch on the env's stage success (the oracle, default), at --schedule ticks, or on each "
+                        "skill's completion head (learned: every skill but the last needs one)")
     p.add_argument("--schedule", type=int, nargs="+", default=None, help="tick at which each next skill starts")
     p.add_argument("--mode", default="bank", choices=["bank", "inplace", "unmerged"],
                    help="SkillManager mode (default bank: precomputed merged weights, zero added step latency)")

@@ -17,6 +17,7 @@ KINDS = {
     "policy checkpoint": ("config.json", "model.safetensors"),
     "skill adapter": ("adapter.json", "adapter.safetensors"),
     "PEFT adapter": ("adapter_config.json", "adapter_model.safetensors"),
+    "multi-skill bundle": ("skills.json", "skills"),  # robolora.controller's INDEX_FILE and SKILLS_DIR
     "controller bundle": ("policy.json", "policy.onnx"),
     "demo dataset": ("manifest.json",),
 }
@@ -74,12 +75,40 @@ def describe(path: str | Path) -> dict[str, Any]:
     elif kind == "controller bundle":
         info["spec"] = json.loads((path / "policy.json").read_text())
         info["files"] = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    elif kind == "multi-skill bundle":
+        index = json.loads((path / "skills.json").read_text())
+        info["index"] = {k: v for k, v in index.items() if k != "files"}
+        info["skills"] = {name: _skill_of_bundle(path / "skills" / name) for name in index.get("skills", [])}
+        info["bytes"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     else:
         manifest = json.loads((path / "manifest.json").read_text())
         info["manifest"] = {k: v for k, v in manifest.items() if k not in ("episodes", "stats")}
         info["episodes"] = len(manifest.get("episodes", []))
         info["samples"] = sum(e["length"] for e in manifest.get("episodes", []))
     return info
+
+
+def _skill_of_bundle(folder: Path) -> dict[str, Any]:
+    """One skill of a multi-skill bundle, from its policy.json: execution, outputs, completion head, parity."""
+    spec = json.loads((folder / "policy.json").read_text())
+    parity, completion = spec.get("parity", {}), spec.get("completion")
+    outputs = [o["name"] for o in spec["outputs"]] if "outputs" in spec else \
+        [spec.get("output", {}).get("name", "actions")] + ([completion.get("output", "done")] if completion else [])
+    return {"execution": dict(spec.get("chunking", {})), "outputs": outputs, "completion": completion,
+            "parity_max_abs_diff": parity.get("max_abs_diff"),
+            "bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file())}
+
+
+def _head_line(completion: dict[str, Any] | None) -> str:
+    if not completion:
+        return "no completion head (cannot switch on --switch learned)"
+    val = completion.get("validation", {})
+    pr = (f", validation precision {val['precision']:.3f} recall {val['recall']:.3f}"
+          if {"precision", "recall"} <= set(val) else "")
+    image = completion.get("image")
+    return (f"output '{completion.get('output', 'done')}' ({completion.get('parameters', '?')} parameters"
+            + (f", image branch on {image['key']}" if image else "") + f"): threshold {completion['threshold']}, "
+            f"k {completion['k']}, timeout {completion['timeout_ticks']} ticks{pr}")
 
 
 def _eval_line(ev: dict[str, Any]) -> str:
@@ -149,6 +178,24 @@ def summary(info: dict[str, Any]) -> str:
         if isinstance(spec.get("residual"), dict):
             rows.append(("residual head", f"{spec['residual'].get('parameters')} parameters, inside the graph"))
         rows.append(("files", ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in info["files"].items())))
+    elif kind == "multi-skill bundle":
+        index = info["index"]
+        rows += [("skills", ", ".join(info["skills"])),
+                 ("sequence", " -> ".join(index["sequence"]) if index.get("sequence") else "none (any order)"),
+                 ("transitions", index.get("transitions")),
+                 ("representation", index.get("representation")),
+                 ("base fingerprint", index.get("base_fingerprint")),
+                 ("control rate", f"{index.get('control_hz')} Hz")]
+        for name, skill in info["skills"].items():
+            chunking = skill["execution"]
+            ensemble = chunking.get("temporal_ensemble")
+            execution = (f"temporal ensemble {ensemble} over chunks of {chunking.get('chunk_size')}" if ensemble else
+                         f"executes {chunking.get('n_action_steps')} of {chunking.get('chunk_size')} actions per chunk")
+            parity = skill["parity_max_abs_diff"]
+            rows += [(name, f"outputs {skill['outputs']}, {execution}"
+                            + ("" if parity is None else f", parity max abs diff {parity:.1e}")),
+                     (f"{name} head", _head_line(skill["completion"]))]
+        rows.append(("size", f"{info['bytes'] / 1e6:.1f} MB"))
     else:
         m = info["manifest"]
         rows += [("task", m.get("task")), ("episodes", f"{info['episodes']} ({info['samples']:,} steps)"),

@@ -259,3 +259,48 @@ def test_torch_rollout_and_controller_switch_on_the_same_learned_tick(tmp_path):
     assert torch_side["episodes"][0]["switch_ticks"] == deployed["episodes"][0]["switch_ticks"] == [3]
     assert torch_side["rollout/premature_switches"] == deployed["control/premature_switches"] == 1
     assert torch_side["rollout/completion_ms_p50"] > 0
+
+
+def test_info_describes_a_multi_skill_bundle(plain, tmp_path, capsys):
+    only_wipe = with_heads(plain, tmp_path, gains={"wipe": 1.0})
+    assert cli_main(["info", str(only_wipe), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "multi-skill bundle" and list(info["skills"]) == ["wipe", "dish_rack"]
+    assert info["index"]["sequence"] == ["wipe", "dish_rack"] and "files" not in info["index"]
+    assert info["skills"]["wipe"]["completion"]["threshold"] == COMPLETION["threshold"]
+    assert info["skills"]["wipe"]["outputs"] == ["actions", "done"] and info["skills"]["dish_rack"]["completion"] is None
+    assert cli_main(["info", str(only_wipe)]) == 0
+    text = capsys.readouterr().out
+    assert "wipe -> dish_rack" in text and "threshold 0.5, k 3, timeout 40 ticks" in text
+    assert "dish_rack head" in text and "no completion head" in text
+
+
+def test_rollout_cli_chains_skills_in_any_env_oracle_or_learned(tmp_path, capsys):
+    """`robolora rollout --env reach --switch learned` switches on the adapters' completion heads in an env without
+    stages; the oracle (--switch success, the default) needs an env that reports them and says so."""
+    import dataclasses
+
+    import torch
+
+    import robolora
+    from robolora.adapters import load_adapter, save_adapter
+    from robolora.completion import Completion, CompletionHead
+    from robolora.policies import save_policy
+
+    assert robolora.Sequencer is Sequencer and robolora.export_skills is export_skills
+    wipe, dish = two_skills(tmp_path)
+    head = CompletionHead(32, hidden=0)
+    with torch.no_grad():
+        head.fc2.weight.zero_()
+        head.fc2.bias.fill_(3.0)  # always sure: switches after k = 2 ticks
+    save_adapter(dataclasses.replace(load_adapter(wipe), completion=Completion(head, 0.5, k=2, timeout_ticks=50)),
+                 wipe)
+    save_policy(tiny(), tmp_path / "base")
+    args = ["rollout", "--base", str(tmp_path / "base"), "--skills", f"{wipe},{dish}", "--env", "reach",
+            "--episodes", "1", "--seed", "0"]
+    assert cli_main([*args, "--switch", "learned", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["skills"] == ["wipe", "dish_rack"] and m["episodes"][0]["switch_ticks"] == [2]
+    assert "rollout/premature_switches" not in m or m["rollout/premature_switches"] == 0
+    assert cli_main(args) == 2
+    assert "stage_success" in capsys.readouterr().err
