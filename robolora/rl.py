@@ -300,21 +300,31 @@ def finetune_rl(
     terms = shaping_terms(env_id) if config.shaped_weight > 0 else []
     source_sha = _sha256(skill / "adapter.safetensors")
 
+    run = {"source_sha256": source_sha, "base_fingerprint": fingerprint, "env_id": env_id,
+           "config": _jsonable(config.to_dict())}
+    saved = _read_json(ckpt / "state.json") if resume else None
+    if saved is not None:
+        differ = [k for k in run if saved.get(k) != run[k]]
+        if differ:
+            raise ValueError(f"{ckpt} was written by another run: its {', '.join(differ)} differ (see its "
+                             "state.json); resume with the same --skill, --base, --env and flags, or start a new --out")
+
     env = make_rl_env(env_id, policy, config, terms)
-    model = build_ppo(policy, residual, env, config)
     state: dict[str, Any] = {"env_steps": 0, "episodes": 0, "rollouts": 0, "curve": [], "best_success": -1.0,
                              "best_step": 0, "last_val_step": 0, "wall_s": 0.0, "num_timesteps": 0}
     best: dict[str, torch.Tensor] = {}
-    if resume:
-        saved = _read_json(ckpt / "state.json")
-        if saved["source_sha256"] != source_sha or saved["config"] != _jsonable(config.to_dict()):
-            raise ValueError(f"{ckpt} was written for another skill adapter or config (compare its state.json); "
-                             "resume with the same --skill and flags, or start a new --out")
-        state.update(saved["state"])
-        best = _load_state(model, load_file(str(ckpt / "state.safetensors"), device=device), saved["param_groups"])
-        model.num_timesteps = state["num_timesteps"]
-        logger.info("resumed %s at %d env steps (best validation %.2f at %d)", ckpt, state["env_steps"],
-                    state["best_success"], state["best_step"])
+    try:
+        model = build_ppo(policy, residual, env, config)
+        if saved is not None:
+            state.update(saved["state"])
+            best = _load_state(model, load_file(str(ckpt / "state.safetensors"), device=device),
+                               saved["param_groups"])
+            model.num_timesteps = state["num_timesteps"]
+            logger.info("resumed %s at %d env steps (best validation %.2f at %d)", ckpt, state["env_steps"],
+                        state["best_success"], state["best_step"])
+    except BaseException:
+        env.close()
+        raise
 
     def validate() -> float:
         residual.eval()
@@ -343,8 +353,7 @@ def finetune_rl(
         groups = model.policy.optimizer.state_dict()["param_groups"]  # hyper-parameters; "params" are indices
         with atomic_dir(ckpt) as tmp:
             save_file(_flat_state(model, best), str(tmp / "state.safetensors"))
-            write_json(tmp / "state.json", {"source_sha256": source_sha, "config": _jsonable(config.to_dict()),
-                                            "state": state, "param_groups": _jsonable(groups)})
+            write_json(tmp / "state.json", {**run, "state": state, "param_groups": _jsonable(groups)})
 
     try:
         if not state["curve"]:
@@ -356,6 +365,8 @@ def finetune_rl(
             if state["curve"][-1][0] != state["env_steps"]:
                 validate()
             save()
+            if progress is not None:  # SB3 ends the last rollout early, before the trainer's report
+                progress(min(state["env_steps"], steps), {"val": state["curve"][-1][1], "best": state["best_success"]})
     finally:
         env.close()
     if base_fingerprint(policy) != fingerprint:

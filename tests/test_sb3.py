@@ -425,7 +425,7 @@ def test_finetune_rl_resumes_and_refuses_mismatched_or_clobbering_runs(reacher, 
     out, first, _, rl = rl_run
     with pytest.raises(FileExistsError, match="--resume"):
         finetune_rl(skill, 300, out, base=base, config=TINY_RL)
-    with pytest.raises(ValueError, match="another skill adapter or config"):
+    with pytest.raises(ValueError, match="written by another run: its config differ"):
         finetune_rl(skill, 300, out, base=base, config=dataclasses.replace(TINY_RL, seed=1), resume=True)
     with pytest.raises(FileNotFoundError, match="state.json"):
         finetune_rl(skill, 300, tmp_path / "none", base=base, config=TINY_RL, resume=True)
