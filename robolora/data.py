@@ -414,11 +414,14 @@ class BCDataset(Dataset):
     memory-mapped episode files on access, so workers share the page cache instead of copying every image.
     ``task_ids`` maps task name -> id; None uses the order of ``robolora.envs.TASKS`` (base tasks 0..4).
     ``max_episodes`` keeps only the first N episodes of each folder (a demo budget, e.g. 10/25/50 demos).
+    Episodes collected with ``post_success`` (for completion heads) end at their first success step unless
+    ``keep_post_success``: what the expert does after the goal (wipe lifts the sponge) is not the skill, and
+    cloning it cost a 50-demo wipe adapter everything (0.00 held-out against 0.76 without those frames).
     A missing, corrupt or truncated episode file raises an error naming it.
     """
 
     def __init__(self, dirs: Sequence[str | Path], chunk_size: int, task_ids: dict[str, int] | None = None,
-                 max_episodes: int | None = None) -> None:
+                 max_episodes: int | None = None, keep_post_success: bool = False) -> None:
         if isinstance(dirs, (str, Path)):
             dirs = [dirs]
         if not dirs:
@@ -452,11 +455,16 @@ class BCDataset(Dataset):
             for entry in manifest["episodes"][:max_episodes]:
                 path = Path(folder) / entry["file"]
                 episode = _read_episode_header(path, entry["length"], self.cameras, self.image_size)
+                length = entry["length"]
+                if manifest.get("post_success") and not keep_post_success:
+                    hits = episode["success"].nonzero()
+                    if len(hits):
+                        length = int(hits[0]) + 1  # the step whose action reached the goal is the last kept
                 self.files.append(str(path))
                 self.task_of_episode.append(task_ids[manifest["task"]])
-                proprio.append(episode["obs.proprio"])
-                actions.append(episode["action"])
-                lengths.append(entry["length"])
+                proprio.append(episode["obs.proprio"][:length])
+                actions.append(episode["action"][:length])
+                lengths.append(length)
         self.proprio = torch.cat(proprio)  # (N, 10), all steps of all episodes
         self.actions = torch.cat(actions)  # (N, 4)
         self.lengths = torch.tensor(lengths)
@@ -464,7 +472,8 @@ class BCDataset(Dataset):
         self._handles: dict[int, Any] = {}
         self._handles_pid = os.getpid()
         self.stats = _combine_stats(self.manifests)
-        if max_episodes is not None:  # a demo budget: statistics of exactly the episodes used
+        trimmed = any(m.get("post_success") for m in self.manifests) and not keep_post_success
+        if max_episodes is not None or trimmed:  # statistics of exactly the frames used
             self.stats.update(_sample_stats(self.proprio, self.actions))
         logger.info("BCDataset: %d episodes, %d samples from %d folders", len(self.files), len(self), len(dirs))
 
@@ -548,10 +557,10 @@ def _read_episode_header(path: Path, length: int, cameras: tuple[str, ...], imag
                 if tensor.get_dtype() != dtype or list(tensor.get_shape()) != expected_shapes[name]:
                     raise ValueError(f"tensor {name!r} is {tensor.get_dtype()} {tensor.get_shape()}, expected "
                                      f"{dtype} {expected_shapes[name]}")
-            arrays = {name: handle.get_tensor(name) for name in ("obs.proprio", "action")}
+            arrays = {name: handle.get_tensor(name) for name in ("obs.proprio", "action", "success")}
     except Exception as exc:
         raise ValueError(f"corrupt or truncated episode file {path}: {exc}; {fix}") from exc
-    if not all(bool(torch.isfinite(array).all()) for array in arrays.values()):
+    if not all(bool(torch.isfinite(arrays[k]).all()) for k in ("obs.proprio", "action")):
         raise ValueError(f"episode file {path} holds non-finite proprio or actions; {fix}")
     return arrays
 

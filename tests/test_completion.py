@@ -203,6 +203,22 @@ def test_post_success_demos_run_on_past_the_goal(reach_demos, tmp_path):
     with pytest.raises(ValueError, match="post_success"):
         collect(REACH, 1, tmp_path / "x", post_success=-1)
 
+def test_bc_dataset_clones_demos_up_to_success_only(reach_demos, tmp_path):
+    """Post-success frames are for completion heads; behaviour cloning stops at the step that reached the goal, with
+    the same samples (and statistics) as demos collected without post_success on the same seeds."""
+    from robolora.data import BCDataset
+
+    plain_dir = tmp_path / "plain"
+    collect(REACH, 6, plain_dir, seed=0)
+    trimmed, plain = BCDataset([reach_demos], 8), BCDataset([plain_dir], 8)
+    kept = BCDataset([reach_demos], 8, keep_post_success=True)
+    assert len(kept) == len(trimmed) + 6 * 4
+    assert torch.equal(trimmed.lengths, plain.lengths) and torch.equal(trimmed.actions, plain.actions)
+    batch, reference = trimmed.get_batch(range(len(trimmed))), plain.get_batch(range(len(plain)))
+    assert all(torch.equal(batch[k], reference[k]) for k in reference)
+    assert np.allclose(trimmed.stats["action_mean"], plain.stats["action_mean"], atol=1e-6)
+
+
 
 def test_train_completion_command_adds_a_head_and_keeps_the_adapter(reach_demos, tmp_path, capsys):
     base, folder = tmp_path / "base", tmp_path / "adapter"
@@ -268,3 +284,121 @@ def test_bundle_without_a_head_is_as_before(head_bundle):
     assert [o.name for o in graph.output] == ["actions"]
     assert "completion" not in plain and "outputs" not in plain
     assert not [k for k in plain["parity"] if k.startswith("done/")]
+
+
+# --------------------------------------------------------------------------------------------- the image branch
+
+
+def patch_episodes(n: int = 16, size: int = 16, seed: int = 0) -> list[EpisodeFeatures]:
+    """Gray frames with a 2x2 brown spot somewhere until the goal is reached (step 12 to 20), none after; the
+    policy features are noise: only the image says whether the goal is reached."""
+    g = torch.Generator().manual_seed(seed)
+    episodes = []
+    for _ in range(n):
+        first = int(torch.randint(12, 20, (1,), generator=g))
+        length = first + 8
+        images = torch.full((length, size, size, 3), 194, dtype=torch.uint8)
+        for t in range(first):
+            y, x = (int(v) for v in torch.randint(0, size - 2, (2,), generator=g))
+            images[t, y:y + 2, x:x + 2] = torch.tensor([123, 70, 18], dtype=torch.uint8)
+        success = np.zeros(length, dtype=bool)
+        success[first:] = True
+        episodes.append(EpisodeFeatures(torch.zeros(length, 0), success, images))
+    return episodes
+
+
+def image_completion(feature_dim: int = 32, channels: int = 2, seed: int = 0) -> Completion:
+    torch.manual_seed(seed)
+    head = CompletionHead(feature_dim, 4, channels, 3, "rgb_front").eval().requires_grad_(False)
+    return Completion(head, 0.6, 5, 40, {"validation": {"precision": 0.9, "recall": 0.8}})
+
+
+def test_image_branch_sees_a_small_spot_that_the_features_do_not():
+    completion, _ = fit_head(patch_episodes(), CompletionConfig(features=False, image_channels=2, hidden=4,
+                                                                steps=300, image_key="rgb_front", k=2, seed=1))
+    head = completion.head
+    assert head.feature_dim == 0 and head.image_channels == 2 and head.sizes == [4, 4, 1]
+    assert head.num_parameters == 2 * (3 * 9 + 1) + 4 * 4 + 4 + 4 + 1
+    test = head_metrics(completion, patch_episodes(8, seed=7))
+    assert test["precision"] >= 0.95 and test["recall"] >= 0.95, test
+    assert test["premature_episodes"] == 0 and test["missed_episodes"] == 0
+    with pytest.raises(ValueError, match="camera image 'rgb_front'"):
+        head(None, None)
+    with pytest.raises(ValueError, match="image branch"):
+        CompletionConfig(features=False)
+
+
+def test_image_head_files_round_trip_and_feature_only_entries_load_as_before(tmp_path):
+    adapter = dataclasses.replace(small_adapter(), completion=image_completion())
+    save_adapter(adapter, tmp_path / "wipe")
+    entry = json.loads((tmp_path / "wipe" / "adapter.json").read_text())["completion"]
+    assert entry["sizes"] == [36, 4, 1] and entry["image"] == {"key": "rgb_front", "channels": 2, "kernel": 3,
+                                                                "pools": ["max", "mean"], "mean_scale": 64.0}
+    loaded = load_adapter(tmp_path / "wipe").completion
+    policy = tiny()
+    attach_active(policy, adapter)
+    probe = probe_inputs(policy, 3, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded.head.read(policy, probe), adapter.completion.head.read(policy, probe))
+    assert set(load_file(str(tmp_path / "wipe" / FILE))) == {"image.weight", "image.bias", "fc1.weight", "fc1.bias",
+                                                            "fc2.weight", "fc2.bias"}
+    # an entry without "image" is the feature-only head: no branch, the features only
+    save_adapter(dataclasses.replace(small_adapter(), completion=head_completion()), tmp_path / "plain")
+    assert "image" not in json.loads((tmp_path / "plain" / "adapter.json").read_text())["completion"]
+    assert load_adapter(tmp_path / "plain").completion.head.image is None
+    # an "image" entry that does not fit the file is refused
+    entry["image"]["channels"] = 3
+    meta = json.loads((tmp_path / "wipe" / "adapter.json").read_text())
+    (tmp_path / "wipe" / "adapter.json").write_text(json.dumps({**meta, "completion": entry}))
+    with pytest.raises(ValueError, match="do not belong together"):
+        load_adapter(tmp_path / "wipe")
+
+
+@pytest.mark.parametrize("path", sorted(Path("policies/pretrained/skills").glob("*/completion.safetensors")),
+                         ids=lambda p: p.parent.name)
+def test_shipped_heads_compute_what_their_files_say(path):
+    """Each shipped head's probability is the plain formula on its file's tensors: Linear-GELU-Linear on the
+    features, after the image branch's pooled maps when the entry has one."""
+    completion = load_adapter(path.parent).completion
+    t = load_file(str(path))
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(5, 128, generator=g)
+    image = torch.randint(0, 256, (5, 64, 64, 3), generator=g, dtype=torch.uint8)
+    x = features
+    if "image.weight" in t:
+        maps = torch.relu(torch.nn.functional.conv2d(image.permute(0, 3, 1, 2).float() / 255, t["image.weight"],
+                                                     t["image.bias"], padding=t["image.weight"].shape[-1] // 2))
+        pooled = torch.cat([maps.flatten(2).amax(-1), 64 * maps.flatten(2).mean(-1)], -1)
+        x = pooled if completion.head.feature_dim == 0 else torch.cat([features, pooled], -1)
+    want = torch.sigmoid(torch.nn.functional.gelu(x @ t["fc1.weight"].T + t["fc1.bias"]) @ t["fc2.weight"].T
+                         + t["fc2.bias"])[:, 0]
+    with torch.no_grad():
+        got = completion.head.probability(features if completion.head.reads_features else None,
+                                          image if completion.head.image is not None else None)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_budget_counts_the_image_branch_and_names_the_widest_hidden_layer():
+    head = CompletionHead(32, 8, 4, 3, "rgb_front")  # branch 4 * 28 = 112, inputs 32 + 8 = 40
+    assert head.num_parameters == 112 + 40 * 8 + 8 + 8 + 1
+    totals = check_budget(160, head, 42228)
+    assert totals["completion/head_parameters"] == 449
+    with pytest.raises(ValueError, match=r"--hidden 3\)"):  # 600 + 112 + 3 * 42 + 1 <= 844 < 600 + 112 + 4 * 42 + 1
+        check_budget(600, head, 42228)
+
+
+def test_export_carries_the_image_branch_in_done_with_parity(tmp_path):
+    adapter = dataclasses.replace(small_adapter(), completion=image_completion())
+    save_adapter(adapter, tmp_path / "adapter")
+    meta = export_bundle(tiny(), tmp_path / "adapter", tmp_path / "bundle")
+    assert meta["completion"]["image"]["channels"] == 2 and meta["completion"]["parameters"] == 2 * 28 + 36 * 4 + 9
+    for key in ("onnx_vs_merged", "pt2_vs_merged", "safetensors_vs_merged", "unmerged_vs_merged"):
+        assert meta["parity"][f"done/{key}"] <= 1e-5, meta["parity"]
+    policy = tiny()
+    attach_active(policy, adapter)
+    probe = probe_inputs(policy, 4, seed=321)
+    with torch.no_grad():
+        done = adapter.completion.head.read(policy, probe).numpy()
+    got = load_bundle(tmp_path / "bundle").session.run(["done"], {k: probe[k].numpy()
+                                                                 for k in ("rgb_front", "proprio")})[0]
+    assert got.shape == (4,) and np.abs(got - done).max() <= 1e-5
