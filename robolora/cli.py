@@ -279,8 +279,9 @@ def cmd_train_completion(args: argparse.Namespace) -> int:
     out = args.out or folder
     if out != folder and out.exists() and any(out.iterdir()) and not (out / "adapter.json").is_file():
         raise ValueError(f"{out} exists and is not an adapter folder; choose a new or empty folder")
-    config = CompletionConfig(hidden=args.hidden, lead=args.lead, steps=args.steps, k=args.k,
-                              timeout_ticks=args.timeout_ticks, seed=args.seed)
+    config = CompletionConfig(hidden=args.hidden, features=not args.no_features, image_channels=args.image_channels,
+                              image_kernel=args.image_kernel, image_key=args.image_key, lead=args.lead,
+                              steps=args.steps, k=args.k, timeout_ticks=args.timeout_ticks, seed=args.seed)
     episodes = sum(len(load_manifest(d)["episodes"]) for d in [*args.data, *(args.test_data or ())])
     features = Progress(episodes, "features", not args.json)
     steps = Progress(args.steps, "train-completion", not args.json)
@@ -506,7 +507,8 @@ def cmd_control(args: argparse.Namespace) -> int:
         m = control_main(args.bundle, env_id, hz=args.hz, episodes=args.episodes, seed=args.seed,
                          task_id=args.task_id, on_episode=bar.update_to,
                          sequence=_names(args.sequence) if args.sequence else None, switch=args.switch,
-                         schedule=args.schedule, threshold=args.threshold, k=args.k, timeout=timeout)
+                         schedule=args.schedule, threshold=args.threshold, k=args.k, timeout=timeout,
+                         finish=args.finish)
     finally:
         bar.close()
     emit(args, m if args.json else {k: v for k, v in m.items() if k != "episodes"})
@@ -689,10 +691,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more demo folders, never trained on, to report the head's precision and recall on")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
     p.add_argument("--hidden", type=int, default=8, help="hidden width of the head, 0 for linear (default 8)")
+    p.add_argument("--image-channels", type=int, default=0, metavar="C",
+                   help="add an image branch on the policy's camera: C convolution maps, max- and mean-pooled "
+                        "(default 0: features only; the shipped wipe head uses 4, docs/completion.md)")
+    p.add_argument("--image-kernel", type=int, default=3, help="the image branch's kernel size (odd, default 3)")
+    p.add_argument("--image-key", default=None, help="the camera the branch reads (default the policy's first)")
+    p.add_argument("--no-features", action="store_true",
+                   help="do not read the policy's features: the image branch alone (needs --image-channels)")
     p.add_argument("--lead", type=int, default=0, help="frames before the first success labelled positive too")
     p.add_argument("--k", type=int, default=3, help="ticks at or above the threshold before switching (default 3)")
     p.add_argument("--timeout-ticks", type=int, default=None,
-                   help="ticks before the sequencer gives up on the skill (default 1.5 x the longest demo)")
+                   help="ticks before the sequencer gives up on the skill (default 1.5 x the longest demo's "
+                        "ticks to success + k - 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the episode split and training (default 0)")
     _common(p)
     p.set_defaults(func=cmd_train_completion)
@@ -793,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=None, help="override the consecutive ticks above the threshold")
     p.add_argument("--timeout", type=int, nargs="+", default=None,
                    help="override the skills' timeouts in ticks: one for all, or one per skill of the sequence")
+    p.add_argument("--finish", default=None, choices=["hold", "continue"],
+                   help="after the last skill's own completion signal: hold still (default) or let it act on "
+                        "(the finish is reported either way)")
     _common(p, device=False)
     p.set_defaults(func=cmd_control)
 

@@ -767,7 +767,8 @@ def control_main(bundle: str | Path, env_id: str, hz: float | None = None, episo
                  seed: int = EVAL_SEED, *, task_id: int | None = None, threads: int | None = 1,
                  on_episode: Callable[[int], None] | None = None, sequence: Sequence[str] | None = None,
                  switch: str | None = None, schedule: Sequence[int] | None = None, threshold: float | None = None,
-                 k: int | None = None, timeout: int | Sequence[int] | None = None) -> dict[str, Any]:
+                 k: int | None = None, timeout: int | Sequence[int] | None = None,
+                 finish: str | None = None) -> dict[str, Any]:
     """``robolora control``: load ``bundle``, make ``env_id`` to its spec and run ``episodes`` at ``hz``.
 
     ``hz`` defaults to the bundle's ``control_hz``; 0 runs unpaced. A base bundle that takes a task id runs
@@ -776,7 +777,8 @@ def control_main(bundle: str | Path, env_id: str, hz: float | None = None, episo
     A multi-skill bundle, or any ``sequence`` / ``switch``, runs a ``robolora.sequencer.Sequencer``: ``sequence``
     (default: the bundle's), ``switch`` "learned" (default), "schedule" (with ``schedule``) or "command" (the
     env's stage success stands in for the external planner), ``threshold``/``k``/``timeout`` overriding the
-    bundle's. Every argument is checked before the env is made.
+    bundle's, ``finish`` what follows the last skill's signal ("hold", the default, or "continue"). Every argument
+    is checked before the env is made.
     """
     import gymnasium as gym
 
@@ -789,9 +791,11 @@ def control_main(bundle: str | Path, env_id: str, hz: float | None = None, episo
 
         switch = switch or "learned"
         sequencer = Sequencer(controller, sequence, switch, schedule=schedule, threshold=threshold, k=k,
-                              timeout=timeout, planner=stage_success_planner if switch == "command" else None)
-    elif schedule or threshold is not None or k is not None or timeout is not None:
-        raise ValueError("schedule, threshold, k and timeout drive skill sequences; pass a sequence or a switch")
+                              timeout=timeout, planner=stage_success_planner if switch == "command" else None,
+                              finish=finish or "hold")
+    elif schedule or threshold is not None or k is not None or timeout is not None or finish is not None:
+        raise ValueError("schedule, threshold, k, timeout and finish drive skill sequences; pass a sequence or a "
+                         "switch")
     spec = controller.spec
     if spec.num_tasks and controller.task_id is None:
         name = envs.get_spec(env_id).name

@@ -100,10 +100,13 @@ class ExportModule(nn.Module):
         super().__init__()
         self.policy = policy
         self.residual = residual
-        self.spec: PolicySpec = check_policy(policy, features=completion is not None)
-        if completion is not None and completion.feature_dim != self.spec.feature_dim:
+        self.spec: PolicySpec = check_policy(policy, features=completion is not None and completion.reads_features)
+        if completion is not None and completion.reads_features and completion.feature_dim != self.spec.feature_dim:
             raise ValueError(f"the completion head reads {completion.feature_dim} features but the policy's "
                              f"features(batch) gives {self.spec.feature_dim}; train the head on this base")
+        if completion is not None and completion.image is not None and completion.image_key not in self.spec.image_keys:
+            raise ValueError(f"the completion head's image branch reads {completion.image_key!r}, which is not one "
+                             f"of the policy's cameras {list(self.spec.image_keys)}")
         self.completion = completion
         self.output_names = (OUTPUT_NAME,) + (() if completion is None else (COMPLETION_OUTPUT,))
         self.task_key = self.spec.task_key
@@ -119,7 +122,7 @@ class ExportModule(nn.Module):
         actions = self.policy.predict_chunk(batch)  # (B, K, A)
         if self.completion is None:
             return actions
-        return actions, self.completion.probability(self.policy.features(batch))  # (B, K, A), (B,)
+        return actions, self.completion.read(self.policy, batch)  # (B, K, A), (B,): features and/or the camera
 
 
 def probe_inputs(policy: nn.Module, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -482,6 +485,7 @@ def _completion_spec(module: ExportModule, adapter: SkillAdapter | None) -> dict
                         {"name": COMPLETION_OUTPUT, "shape": ["batch"], "dtype": "float32"}],
             "completion": {"threshold": c.threshold, "k": c.k, "timeout_ticks": c.timeout_ticks,
                            "output": COMPLETION_OUTPUT, "parameters": c.head.num_parameters,
+                           **({"image": c.head.image_entry()} if c.head.image is not None else {}),
                            "validation": {k: validation[k] for k in ("precision", "recall") if k in validation}}}
 
 

@@ -219,7 +219,7 @@ class _SkillSequence:
         policy = self.manager.policy
         batch, _ = self.manager.spec.batch(obs, policy_device(policy))
         with torch.no_grad():
-            probability = float(completion.head.probability(policy.features(batch))[0])
+            probability = float(completion.head.read(policy, batch)[0])
         self.head_s.append(time.perf_counter() - t0)
         self.streak = self.streak + 1 if probability >= completion.threshold else 0
         return self.streak >= completion.k

@@ -24,7 +24,9 @@ When the env reports ``info["stage_success"]`` (one flag per skill of the sequen
 premature when the stage had not succeeded yet when the switch was decided, otherwise its lag in ticks from the
 first observation showing the stage's success to the first tick of the next skill (0 for the oracle; at least
 ``k`` for the learned driver, which counts from that observation); late when the lag exceeds that minimum.
-Stages that succeeded but were never left are missed switches.
+Stages that succeeded but were never left are missed switches. The last skill's own signal ends the sequence: the
+sequencer holds (``finish="hold"``, the default) or, with ``finish="continue"``, reports it and lets the last skill
+act on; when it fires before that stage succeeded the episode counts a premature finish.
 
 Imports numpy and the torch-free ``robolora.controller`` / ``robolora.episodes`` only.
 """
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["SWITCHES", "Sequencer", "SkillRule", "stage_success_planner"]
 
 SWITCHES = ("learned", "schedule", "command")
+FINISHES = ("hold", "continue")  # what follows the last skill's own completion signal
 RUNNING, FINISHED, TIMED_OUT = "running", "finished", "timed_out"
 Planner = Callable[["Sequencer", Mapping[str, Any]], "str | None"]
 
@@ -71,8 +74,12 @@ class Sequencer:
 
     def __init__(self, controller: Controller, sequence: Sequence[str] | None = None, switch: str = "learned", *,
                  schedule: Sequence[int] | None = None, threshold: float | None = None, k: int | None = None,
-                 timeout: int | Sequence[int] | None = None, planner: Planner | None = None) -> None:
+                 timeout: int | Sequence[int] | None = None, planner: Planner | None = None,
+                 finish: str = "hold") -> None:
         self.controller, self.switch, self.planner = controller, switch, planner
+        if finish not in FINISHES:
+            raise ValueError(f"finish={finish!r} is invalid; use one of {list(FINISHES)}")
+        self.finish = finish
         self.skills = tuple(sequence or controller.sequence or controller.skills)
         self._check_skills()
         if switch not in SWITCHES:
@@ -146,7 +153,7 @@ class Sequencer:
         ``stage_success`` (one flag per skill)."""
         self.controller.activate(self.skills[0])
         self.stage, self.tick, self.stage_ticks, self.streak = 0, 0, 0, 0
-        self.status, self.unfinished = RUNNING, None
+        self.status, self.unfinished, self.finished_early = RUNNING, None, False
         self.switches: list[dict[str, Any]] = []
         self.off_sequence = 0
         self.has_stages = False
@@ -168,6 +175,8 @@ class Sequencer:
         """This tick's action: the active skill's, or the hold action once the sequence finished or timed out."""
         tick = self.tick
         self.tick += 1
+        if self.status == FINISHED and self.finish == "continue":
+            return self.controller.select_action(obs)
         if self.status != RUNNING:
             return self.controller.hold()
         action = self.controller.select_action(obs)
@@ -212,6 +221,7 @@ class Sequencer:
     def _advance(self, first_tick: int) -> None:
         if self.stage == len(self.skills) - 1:
             self.status = FINISHED
+            self.finished_early = self.has_stages and not bool(self.stage_done[self.stage])
             logger.info("sequence %s finished at tick %d", list(self.skills), first_tick - 1)
             return
         self.controller.activate(self.skills[self.stage + 1])
@@ -251,6 +261,7 @@ class Sequencer:
             left = {self.skills.index(s["from"]) for s in self.switches}
             out.update(stage_success=self.stage_done.tolist(),
                        premature=sum(s["premature"] for s in self.switches),
+                       premature_finish=self.finished_early,
                        late=sum(s["late"] for s in self.switches),
                        lag_ticks=[s["lag_ticks"] for s in self.switches if s["lag_ticks"] is not None],
                        missed=int(sum(self.stage_done[i] and i not in left for i in range(len(self.skills) - 1))))
@@ -272,6 +283,7 @@ class Sequencer:
                 out |= rate_metrics(f"{prefix}/stage{i}/{skill}", sum(r["stage_success"][i] for r in records), n)
             lags = [lag for r in records for lag in r["lag_ticks"]]
             out |= {f"{prefix}/premature_switches": sum(r["premature"] for r in records),
+                    f"{prefix}/premature_finishes": sum(bool(r.get("premature_finish")) for r in records),
                     f"{prefix}/late_switches": sum(r["late"] for r in records),
                     f"{prefix}/missed_switches": sum(r["missed"] for r in records),
                     f"{prefix}/switch_lag_ticks_p50": float(np.percentile(lags, 50)) if lags else float("nan"),

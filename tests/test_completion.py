@@ -116,7 +116,7 @@ def test_head_training_separates_goal_reached_frames_from_the_rest():
     assert val["precision"] >= 0.95 and val["recall"] >= 0.9, val
     assert val["premature_episodes"] == 0 and val["missed_episodes"] == 0
     assert 0.5 <= completion.threshold < 1 and completion.k == 3
-    assert completion.timeout_ticks == int(np.ceil(1.5 * max(e.ticks_to_success for e in episodes)))
+    assert completion.timeout_ticks == int(np.ceil(1.5 * max(e.ticks_to_success for e in episodes))) + 3 - 1
     assert metrics["completion/val_precision"] == val["precision"]
     # the normalisation is folded into the first layer: the head reads raw features
     test = synthetic_episodes(8, seed=5)
@@ -354,11 +354,15 @@ def test_image_head_files_round_trip_and_feature_only_entries_load_as_before(tmp
         load_adapter(tmp_path / "wipe")
 
 
-@pytest.mark.parametrize("path", sorted(Path("policies/pretrained/skills").glob("*/completion.safetensors")),
+SHIPPED_HEADS = sorted((Path(__file__).parents[1] / "policies/pretrained/skills").glob("*/completion.safetensors"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_HEADS,
                          ids=lambda p: p.parent.name)
 def test_shipped_heads_compute_what_their_files_say(path):
     """Each shipped head's probability is the plain formula on its file's tensors: Linear-GELU-Linear on the
     features, after the image branch's pooled maps when the entry has one."""
+    assert {p.parent.name for p in SHIPPED_HEADS} >= {"wipe", "dish_rack"}
     completion = load_adapter(path.parent).completion
     t = load_file(str(path))
     g = torch.Generator().manual_seed(0)
@@ -402,3 +406,19 @@ def test_export_carries_the_image_branch_in_done_with_parity(tmp_path):
     got = load_bundle(tmp_path / "bundle").session.run(["done"], {k: probe[k].numpy()
                                                                  for k in ("rgb_front", "proprio")})[0]
     assert got.shape == (4,) and np.abs(got - done).max() <= 1e-5
+
+
+def test_train_completion_command_trains_an_image_head(reach_demos, tmp_path, capsys):
+    base, folder = tmp_path / "base", tmp_path / "adapter"
+    save_policy(tiny(), base)
+    save_adapter(small_adapter(), folder)
+    assert main(["train-completion", "--skill", str(folder), "--data", str(reach_demos), "--base", str(base),
+                 "--no-features", "--image-channels", "2", "--hidden", "4", "--k", "2", "--steps", "20",
+                 "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["head_parameters"] == 2 * 28 + 4 * 4 + 4 + 4 + 1 and result["k"] == 2
+    head = load_adapter(folder).completion.head
+    assert not head.reads_features and head.image_key == "rgb_front" and head.image_channels == 2
+    assert main(["train-completion", "--skill", str(folder), "--data", str(reach_demos), "--base", str(base),
+                 "--no-features", "--device", "cpu"]) == 2
+    assert "image branch" in capsys.readouterr().err

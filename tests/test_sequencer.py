@@ -124,6 +124,14 @@ def test_learned_switch_after_k_ticks_at_or_above_the_threshold(plain, tmp_path)
     assert sequencer.status == "finished"
     held = sequencer.select_action(lit(0.8))
     assert np.array_equal(held[:3], [0, 0, 0]), "a finished sequence holds"
+    going = Sequencer(controller, switch="learned", finish="continue")
+    drive(going, [0.9] * 6)
+    assert going.status == "finished" and going.active == "dish_rack"
+    acted = going.select_action(lit(0.9))
+    assert not np.array_equal(acted[:3], [0, 0, 0]) and controller.active == "dish_rack", \
+        "finish='continue': the last skill acts on"
+    with pytest.raises(ValueError, match="finish="):
+        Sequencer(controller, finish="stop")
 
 
 def test_threshold_and_k_overrides(plain, tmp_path):
@@ -197,6 +205,8 @@ def test_premature_and_late_learned_switches_are_counted(plain, tmp_path):
     assert second["switch_ticks"] == [15] and second["premature"] == 0 and second["lag_ticks"] == [5]
     assert second["late"] == 1 and m["control/late_switches"] == 1 and m["control/premature_switches"] == 1
     assert m["control/stage0/wipe/success_rate"] == 1.0
+    # dish_rack's head fires too (the same bright frames) but its stage never succeeds: two premature finishes
+    assert first["finished"] and first["premature_finish"] and m["control/premature_finishes"] == 2
 
 
 def test_bad_sequences_are_refused_before_anything_runs(plain, tmp_path):

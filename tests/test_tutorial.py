@@ -1,6 +1,6 @@
 """The README tutorial, run as a new user would: each command in a subprocess from an empty temporary folder,
-with tiny settings (few demos, few steps, one episode), through the installed `robolora` console script. Slow:
-about 35 s on 2 CPU cores."""
+with tiny settings (few demos, few steps, one episode), through the installed `robolora` console script, ending
+with the torch-free kitchen on the shipped skills' learned completion heads. Slow."""
 
 from __future__ import annotations
 
@@ -54,3 +54,12 @@ def test_readme_tutorial_from_collect_to_control(tmp_path):
 
     info = run(tmp_path, "info", "runs/dish_rack/adapter")
     assert info["kind"] == "skill adapter" and info["adapter"]["skill"] == "dish_rack"
+
+    # 7. the torch-free kitchen: both shipped skills in one bundle, switched on their learned completion heads
+    kitchen = run(tmp_path, "export", "--skills", "wipe,dish_rack", "--sequence", "wipe,dish_rack", "--out",
+                  "bundles/kitchen")
+    assert kitchen["sequence"] == ["wipe", "dish_rack"] and set(kitchen["completion"]) == {"wipe", "dish_rack"}
+    controlled = run(tmp_path, "control", "--bundle", "bundles/kitchen", "--env", "kitchen", "--sequence",
+                     "wipe,dish_rack", "--switch", "learned", "--hz", "0", "--episodes", "1")
+    assert controlled["control/episodes"] == 1 and controlled["control/faults"] == 0
+    assert run(tmp_path, "info", "bundles/kitchen")["kind"] == "multi-skill bundle"
