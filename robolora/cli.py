@@ -158,6 +158,33 @@ def resolve_run(path: Path, sub: str, marker: str) -> Path:
     return path / sub if not (path / marker).exists() and (path / sub / marker).exists() else path
 
 
+def load_base(path: Path, device: str = "cpu", action_bounds: tuple[float, float] | None = None) -> Any:
+    """``--policy``/``--base``: a robolora run or checkpoint folder, or a saved LeRobot policy folder / a
+    ``lerobot-train`` output (needs the lerobot extra; ``action_bounds`` clamps its actions)."""
+    from robolora.integrations.lerobot import is_lerobot_policy_folder, load_lerobot_policy
+
+    if is_lerobot_policy_folder(path):
+        try:
+            return load_lerobot_policy(path, device=device, action_bounds=action_bounds)
+        except ImportError as e:  # lerobot missing: the message says what to install
+            raise ValueError(str(e)) from e
+    from robolora.policies import load_policy
+
+    return load_policy(resolve_run(path, "policy", "config.json"), device=device)
+
+
+def env_bounds(env_id: str) -> tuple[float, float]:
+    """The action bounds of a robolora env (one interval for every dimension)."""
+    from robolora.envs import make
+
+    env = make(env_id)
+    try:
+        space = env.action_space
+        return float(space.low.min()), float(space.high.max())
+    finally:
+        env.close()
+
+
 def skill_execution(args: argparse.Namespace) -> dict[str, Any] | None:
     """train-skill's ``--n-action-steps`` / ``--temporal-ensemble`` as the adapter's "execution" (None: the base's)."""
     execution: dict[str, Any] = {}
@@ -303,10 +330,9 @@ def cmd_train_completion(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from robolora.envs import BASE_TASKS, TASKS
     from robolora.evaluate import evaluate
-    from robolora.policies import load_policy
     from robolora.train import resolve_device
 
-    policy = load_policy(resolve_run(args.policy, "policy", "config.json"), device=str(resolve_device(args.device)))
+    policy = load_base(args.policy, str(resolve_device(args.device)), env_bounds(TASKS[args.task[0]]))
     if args.skill:
         from robolora.adapters import attach_for_eval
 
@@ -314,13 +340,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robolora.adapters import validate_execution
 
     flags = {"n_action_steps": args.n_action_steps, "temporal_ensemble": args.temporal_ensemble}
-    execution = validate_execution({k: v for k, v in flags.items() if v is not None}, policy.config)
+    execution = validate_execution({k: v for k, v in flags.items() if v is not None}, policy.spec.execution)
     if execution:  # overrides the checkpoint's and the skill's execution
         policy.set_execution(**execution)
     rows = []
     for name in args.task:
         env_id = TASKS[name]
-        uses_task_id = name in BASE_TASKS and policy.skill_token is None
+        uses_task_id = (name in BASE_TASKS and policy.spec.task_key is not None
+                        and getattr(policy, "skill_token", None) is None)
         task_id = BASE_TASKS.index(name) if uses_task_id else None
         bar = Progress(args.episodes, f"eval {name}", not args.json)
         video = None
@@ -328,7 +355,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             video = Path(args.video) / f"{name}.gif" if len(args.task) > 1 else Path(args.video)
         try:
             m = evaluate(policy, env_id, args.episodes, seed=args.seed, num_envs=args.num_envs,
-                         task_id=task_id, video_path=video, on_episode=bar.update_to)
+                         task_id=task_id, video_path=video, env_kwargs=policy.spec.env_kwargs(),
+                         on_episode=bar.update_to)
         finally:
             bar.close()
         rows.append({"task": name, "success": m["eval/success_rate"], "ci95": f"[{m['eval/ci_low']:.2f}, "
@@ -467,7 +495,12 @@ def cmd_finetune_rl(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from robolora.export import export_bundle, export_skills
 
-    base = resolve_run(args.base, "policy", "config.json")
+    from robolora.integrations.lerobot import is_lerobot_policy_folder
+
+    if args.action_bounds and not is_lerobot_policy_folder(args.base):
+        raise ValueError("--action-bounds is for a LeRobot policy folder; a robolora policy's bounds are its own")
+    base = (load_base(args.base, action_bounds=tuple(args.action_bounds) if args.action_bounds else None)
+            if is_lerobot_policy_folder(args.base) else resolve_run(args.base, "policy", "config.json"))
     if args.skills and args.skill:
         raise ValueError("give --skill (one skill) or --skills (a multi-skill bundle), not both")
     if args.skills:
@@ -519,10 +552,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from robolora.data import load_manifest
     from robolora.integrations.lerobot_data import to_lerobot_dataset
 
-    episodes = sum(len(load_manifest(d)["episodes"]) for d in args.demos)
+    episodes = sum(len(load_manifest(d)["episodes"][:args.episodes]) for d in args.demos)
     bar = Progress(episodes, f"convert to {args.to}", not args.json)
     try:
         info = to_lerobot_dataset(args.demos, args.out, repo_id=args.repo_id, videos=args.images == "video",
+                                  max_episodes=args.episodes, keep_post_success=args.keep_post_success,
                                   progress=bar.update_to)
     except (ImportError, FileExistsError) as e:
         raise ValueError(str(e)) from e
@@ -709,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="success rate (95%% interval), episode length and latency over seeded episodes",
                        epilog="example: robolora eval --policy policies/pretrained/base --task reach push")
-    p.add_argument("--policy", type=Path, default=None, help="policy checkpoint (default: the shipped base)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="policy checkpoint, or a LeRobot policy folder / lerobot-train output (default: the shipped base)")
     p.add_argument("--skill", type=Path, default=None, help="skill adapter folder to attach")
     p.add_argument("--task", type=task_arg, nargs="+", required=True, help="task names or gym ids")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task (default 50)")
@@ -769,7 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
                            "examples:\n  robolora export --skill policies/pretrained/skills/dish_rack --out bundles/dish\n"
                            "  robolora export --skills wipe,dish_rack --sequence wipe,dish_rack --out bundles/kitchen"))
-    p.add_argument("--base", type=Path, default=None, help="base policy checkpoint (default: the shipped base)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="base policy checkpoint, or a LeRobot policy folder / lerobot-train output (default: the "
+                        "shipped base)")
     p.add_argument("--skill", type=Path, default=None, help="skill adapter to merge (default: the base alone)")
     p.add_argument("--skills", default=None,
                    help="comma-separated skills (adapter folders or shipped names): one multi-skill bundle")
@@ -778,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--hz", type=float, default=20.0, help="control rate recorded in the bundle (default 20)")
     p.add_argument("--task-id", type=int, default=None, help="bake a base task id into a base-only bundle")
+    p.add_argument("--action-bounds", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="a LeRobot --base: the robot's action bounds, recorded and clamped to by the controller "
+                        "(robolora's envs: -1 1; default none: unbounded)")
     _common(p, device=False)
     p.set_defaults(func=cmd_export)
 
@@ -816,6 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lerobot: a LeRobotDataset v3 folder (needs the lerobot extra, Python >= 3.12)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to create (must not exist)")
     p.add_argument("--repo-id", default=None, help="dataset name recorded in it (default robolora/<tasks>)")
+    p.add_argument("--episodes", type=int, default=None, help="the first N episodes of each folder (default all)")
+    p.add_argument("--keep-post-success", action="store_true",
+                   help="keep the frames recorded past success (collect --post-success); default: end each episode "
+                        "at its first success, as training does")
     p.add_argument("--images", default="video", choices=["video", "png"],
                    help="camera frames as mp4 video (LeRobot's default, lossy) or lossless PNG (default video)")
     _common(p, device=False)

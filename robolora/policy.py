@@ -170,6 +170,15 @@ class PolicySpec:
     def image_keys(self) -> tuple[str, ...]:
         return tuple(k for k, s in self.observation.items() if s.is_image)
 
+    def env_kwargs(self) -> dict[str, Any]:
+        """What a robolora env must render for this policy: ``image_size`` and ``cameras`` (``make(env_id,
+        **spec.env_kwargs())``); a policy without images gets the envs' default."""
+        images = self.image_keys
+        if not images:
+            return {}
+        return {"image_size": self.observation[images[0]].shape[0],
+                "cameras": tuple(k.removeprefix("rgb_") for k in images)}
+
     @property
     def input_keys(self) -> tuple[str, ...]:
         """Every batch input the policy reads: observation keys, then the task key if any."""

@@ -160,10 +160,7 @@ def rollout(
         if env is None:
             from robolora.envs import make
 
-            spec = manager.spec  # the policy's protocol spec: its cameras and image size
-            images = spec.image_keys
-            env = make(env_id, image_size=spec.observation[images[0]].shape[0] if images else 64,
-                       cameras=tuple(k.removeprefix("rgb_") for k in images),
+            env = make(env_id, **manager.spec.env_kwargs(),  # the policy's cameras and image size
                        render_mode="rgb_array" if video_path is not None else None)
         if video_path is not None and env.render_mode != "rgb_array":
             raise ValueError(f"video_path needs an env made with render_mode='rgb_array' (got {env.render_mode!r})")

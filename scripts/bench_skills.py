@@ -23,12 +23,19 @@ Measured:
   12x512 (dynamo with a counting backend, so no C++ compiler is needed; guards, and therefore recompiles, are
   decided by dynamo, not by the backend).
 
+- ``--lerobot-policy FOLDER`` adds the config ``lerobot``: a saved LeRobot ACT (a ``lerobot-train`` output; needs
+  the lerobot extra, so run it from ``.venv-lerobot``) with ``--act-skills`` skills on
+  ``LeRobotPolicy.lora_targets + lora_mlp_targets`` (no skill token: LeRobot's ACT has no hook for one);
+- ``--bit-switches N`` (default 10,000): after N more switches in each mode and ``close()``, whether every base
+  parameter and buffer is bit-identical to before the manager was built.
+
 Usage:
     python scripts/bench_skills.py                            # base + 12x512 + act, ~5 min on 2 busy cores
     python scripts/bench_skills.py --configs act --step-rounds 100           # ACT only, ~2.5 min
     python scripts/bench_skills.py --configs act --act-preset tiny --act-skills 2 --step-rounds 3 --no-compile
     python scripts/bench_skills.py --configs base --step-rounds 600
     python scripts/bench_skills.py --threads 2 --device cuda
+    .venv-lerobot/bin/python scripts/bench_skills.py --configs lerobot --lerobot-policy runs/act --no-compile
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from robolora.policy import probe_batch
 from robolora.skills import MODES, SkillManager
 
 ACT_TARGETS = (*(f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in PROJECTIONS), "linear1", "linear2")
-CONFIGS = ("base", "12x512", "act")  # the keys of setups()
+CONFIGS = ("base", "12x512", "act", "lerobot")  # the keys of setups()
 MB = 1 << 20
 
 
@@ -71,6 +78,17 @@ class Setup:
     large: bool = False  # timed for --large-rounds rounds (else --step-rounds); no recompile count
 
 
+def lerobot_setup(args: argparse.Namespace) -> Setup:
+    """A LeRobot ACT folder behind the protocol (robolora.integrations.lerobot), LoRA on attention and MLP."""
+    from robolora.integrations.lerobot import LeRobotPolicy, load_lerobot_policy
+
+    if args.lerobot_policy is None:
+        raise SystemExit("--configs lerobot needs --lerobot-policy FOLDER (a lerobot-train output or policy folder)")
+    return Setup(f"lerobot {Path(args.lerobot_policy).name}",
+                 lambda: load_lerobot_policy(args.lerobot_policy, action_bounds=(-1.0, 1.0)),
+                 LeRobotPolicy.lora_targets + LeRobotPolicy.lora_mlp_targets, args.act_skills)
+
+
 def setups(args: argparse.Namespace) -> dict[str, Setup]:
     """The configs ``--configs`` chooses from."""
     return {
@@ -80,6 +98,7 @@ def setups(args: argparse.Namespace) -> dict[str, Setup]:
                         ATTENTION_TARGETS, 4, large=True),
         "act": Setup(f"act {args.act_preset}", lambda: ACTPolicy(ACTConfig.preset(args.act_preset)), ACT_TARGETS,
                      args.act_skills),
+        **({"lerobot": lerobot_setup(args)} if "lerobot" in args.configs else {}),
     }
 
 
@@ -94,7 +113,8 @@ def make_adapters(policy: nn.Module, targets: tuple[str, ...], count: int, rank:
     for i in range(count):
         lora = {n: (torch.randn(rank, d_in, generator=g) / rank, torch.randn(d_out, rank, generator=g) * 0.02)
                 for n, (d_out, d_in) in shapes.items()}
-        token = torch.randn(policy.spec.skill_token_dim, generator=g) * 0.02
+        dim = policy.spec.skill_token_dim
+        token = None if dim is None else torch.randn(dim, generator=g) * 0.02
         adapters.append(SkillAdapter(f"s{i}", config, lora, token, fingerprint))
     return adapters
 
@@ -218,8 +238,9 @@ def bench_config(setup: Setup, args: argparse.Namespace, device: torch.device, p
         folders = [to_peft(a, workdir / label / a.skill, policy) for a in adapters]
         unmerged, merged = peft_model(policy, folders, names), peft_model(policy, folders, names)
         merged.merge_adapter()
-        for model in (unmerged, merged):
-            model.base_model.model.set_skill_token(nn.Parameter(adapters[0].skill_token.to(device), False))
+        if adapters[0].skill_token is not None:
+            for model in (unmerged, merged):
+                model.base_model.model.set_skill_token(nn.Parameter(adapters[0].skill_token.to(device), False))
         steps["PEFT unmerged"] = lambda: unmerged.base_model.model.predict_chunk(batch)
         steps["PEFT merged"] = lambda: merged.base_model.model.predict_chunk(batch)
         peft_fns, peft_models = peft_switches(policy, folders, names, unmerged, merged)
@@ -235,6 +256,17 @@ def bench_config(setup: Setup, args: argparse.Namespace, device: torch.device, p
         step_t = interleaved(steps, rounds, device)
         switch_t = interleaved({k: (lambda f=f: f(next(counter) % len(names))) for k, f in switch_fns.items()},
                                rounds, device, warmup=4, before=switched_step)
+    base_state = {k: v.clone() for k, v in policy.state_dict().items()}
+    for mode, mgr in ours.items():
+        if args.bit_switches:
+            with torch.no_grad():
+                for i in range(args.bit_switches):
+                    switch_fns[mode](i % len(names))
+            mgr.close()  # detaches every skill: the policy is the plain base module again
+            state = mgr.policy.state_dict()
+            same = all(k in state and torch.equal(state[k], v) for k, v in base_state.items())
+            print(f"[{label}] {mode}: base parameters and buffers bit-identical after "
+                  f"{args.bit_switches + rounds + 4:,} switches and close(): {same}")
     plain_wall, plain_cpu = (np.median(step_t["plain base"][:, c]) for c in (0, 1))
     rows = []
     for name in dict.fromkeys([*steps, *switch_fns]):
@@ -330,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-compile", action="store_true", help="skip the recompile count")
+    parser.add_argument("--lerobot-policy", default=None,
+                        help="a LeRobot ACT folder or lerobot-train output for --configs lerobot (lerobot extra)")
+    parser.add_argument("--bit-switches", type=int, default=10_000,
+                        help="switches before the bit-identity check of the base (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -348,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += bench_config(setup, args, device, peft_ok, Path(tmp))
             print(f"[{setup.label}] done after {time.perf_counter() - start:.0f} s")
         if not args.no_compile:
-            for setup in (s for s in chosen if not s.large):
+            for setup in (s for s in chosen if not s.large and not s.label.startswith("lerobot")):
                 compile_rows += recompiles(setup, args, device, peft_ok, Path(tmp))
     print(f"\nbatch 1, r={args.rank}, {args.threads} thread(s), {device}; {time.perf_counter() - start:.0f} s")
     for setup in chosen:

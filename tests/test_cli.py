@@ -127,3 +127,10 @@ def test_unknown_skill_is_refused_before_a_progress_bar_is_drawn(capsys):
     assert main(["rollout", "--skills", "pour", "--episodes", "1", "--device", "cpu"]) == 2
     line = _one_line_error(capsys, "rollout")
     assert "'pour'" in line and "shipped: ['dish_rack', 'wipe']" in line
+
+
+def test_export_action_bounds_are_refused_for_a_robolora_base(tmp_path, capsys):
+    """--action-bounds sets a LeRobot policy's bounds; a robolora policy has its own, so nothing is written."""
+    assert main(["export", "--out", str(tmp_path / "bundle"), "--action-bounds", "-1", "1"]) != 0
+    assert "--action-bounds is for a LeRobot policy folder" in capsys.readouterr().err
+    assert not (tmp_path / "bundle").exists()

@@ -70,17 +70,23 @@ def lerobot_features(cameras: Sequence[str], image_size: int, proprio_dim: int =
 
 def to_lerobot_dataset(demo_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, *,
                        repo_id: str | None = None, fps: int = FPS, videos: bool = True,
+                       max_episodes: int | None = None, keep_post_success: bool = False,
                        progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write robolora demo folders (one task each) as one LeRobotDataset v3 at ``out_dir`` (which must not exist).
 
     ``repo_id`` names the dataset (default ``robolora/<task>[_<task>...]``; nothing is pushed anywhere).
     ``videos=True`` stores camera frames as LeRobot's mp4 videos (lossy: about 2/255 mean absolute error per pixel
     at 32 px); ``videos=False`` as PNG images inside the parquet files (lossless, larger).
+    ``max_episodes`` keeps the first N episodes of each folder (a demo budget). Episodes collected with
+    ``post_success`` (for completion heads) end at their first success step unless ``keep_post_success``, as in
+    robolora's own ``BCDataset``: the expert's moves after the goal are not the skill.
     ``progress(n)`` is called with the number of episodes written. Returns what was written.
     """
     from robolora.data import episode_filename, load_manifest
 
     dirs = [Path(demo_dirs)] if isinstance(demo_dirs, (str, Path)) else [Path(d) for d in demo_dirs]
+    if max_episodes is not None and (isinstance(max_episodes, bool) or max_episodes < 1):
+        raise ValueError(f"max_episodes={max_episodes!r}: give a number of episodes >= 1 per folder, or None for all")
     if not dirs:
         raise ValueError("demo_dirs is empty; pass robolora demo folders (robolora collect)")
     manifests = [load_manifest(d) for d in dirs]
@@ -104,15 +110,20 @@ def to_lerobot_dataset(demo_dirs: str | Path | Sequence[str | Path], out_dir: st
     episodes = frames = 0
     try:
         for folder, manifest in zip(dirs, manifests):
-            for index, entry in enumerate(manifest["episodes"]):
+            for index, entry in enumerate(manifest["episodes"][:max_episodes]):
                 arrays = load_file(str(folder / episode_filename(index)))
-                for t in range(int(entry["length"])):
+                length = int(entry["length"])
+                if manifest.get("post_success") and not keep_post_success:
+                    hits = arrays["success"].nonzero()[0]
+                    if len(hits):
+                        length = int(hits[0]) + 1  # the step whose action reached the goal is the last kept
+                for t in range(length):
                     frame = {f"{IMAGE_PREFIX}{cam}": arrays[f"obs.rgb_{cam}"][t] for cam in cameras}
                     frame.update({STATE_KEY: arrays["obs.proprio"][t], ACTION_KEY: arrays["action"][t],
                                   SUCCESS_KEY: arrays["success"][t:t + 1].astype(bool), "task": manifest["task"]})
                     dataset.add_frame(frame)
                 dataset.save_episode()
-                episodes, frames = episodes + 1, frames + int(entry["length"])
+                episodes, frames = episodes + 1, frames + length
                 if progress is not None:
                     progress(episodes)
     finally:

@@ -188,6 +188,46 @@ def test_export_bundle_and_the_torch_free_controller_match_torch(work: dict[str,
     env.close()
 
 
+def test_eval_and_export_commands_take_a_lerobot_folder(work: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """`robolora eval --policy` and `robolora export --base` on a LeRobot folder: the env is sized from the
+    policy's spec (32 px here), bounds come from --action-bounds and are recorded in the bundle."""
+    from robolora.cli import main
+
+    assert main(["eval", "--policy", str(work["act"]), "--task", "reach", "--episodes", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["results"][0]
+    assert row["task"] == "reach" and row["episodes"] == 2 and 0.0 <= row["success"] <= 1.0
+    save_adapter(random_skill(load_lerobot_policy(work["act"]), "reach", 4), tmp_path / "skill")
+    assert main(["export", "--base", str(work["act"]), "--skill", str(tmp_path / "skill"), "--out",
+                 str(tmp_path / "bundle"), "--action-bounds", "-1", "1", "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["parity"]["max_abs_diff"] < meta["parity"]["tolerance"] and meta["skill"] == "reach"
+    assert meta["action"]["low"] == [-1.0] * 4 and meta["action"]["high"] == [1.0] * 4
+
+
+def test_convert_trims_post_success_frames_and_takes_the_first_episodes(tmp_path: Path) -> None:
+    """Demos collected with post_success end at their first success, as BCDataset clones them, unless kept."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from safetensors.numpy import load_file
+
+    from robolora.data import collect, load_manifest
+    from robolora.envs import TASKS
+
+    collect(TASKS["reach"], 2, tmp_path / "demos", image_size=32, post_success=4)
+    manifest = load_manifest(tmp_path / "demos")
+    first = load_file(str(tmp_path / "demos" / manifest["episodes"][0]["file"]))
+    until_success = int(first["success"].nonzero()[0][0]) + 1
+    assert until_success < len(first["action"])  # the recorded frames past success exist
+    trimmed = to_lerobot_dataset(tmp_path / "demos", tmp_path / "trimmed", videos=False, max_episodes=1)
+    kept = to_lerobot_dataset(tmp_path / "demos", tmp_path / "kept", videos=False, keep_post_success=True)
+    assert trimmed["episodes"] == 1 and trimmed["frames"] == until_success
+    assert kept["episodes"] == 2 and kept["frames"] == sum(e["length"] for e in manifest["episodes"])
+    dataset = LeRobotDataset(trimmed["repo_id"], root=tmp_path / "trimmed")
+    assert len(dataset) == until_success and bool(dataset[until_success - 1]["next.success"])
+    with pytest.raises(ValueError, match="max_episodes"):
+        to_lerobot_dataset(tmp_path / "demos", tmp_path / "none", max_episodes=0)
+
+
 def test_demos_round_trip_through_lerobots_reader(work: dict[str, Path], tmp_path: Path) -> None:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from safetensors.numpy import load_file
