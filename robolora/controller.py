@@ -16,7 +16,9 @@ exp(-m * i), i = 0 for the oldest (ACT, Zhao et al. 2023).
 Switching skills. ``Controller.activate(skill)`` may be called from any thread; it only records the request. The
 switch happens at the next tick boundary, at the start of the next ``select_action``, which reads the request once
 under a lock: that whole tick runs on one skill, the old skill's queued actions and ensembling state are dropped and
-the new skill starts from an empty queue. A skill whose graph has a completion output ("done", (B,) probability,
+the new skill starts from an empty queue. A loop may apply the request earlier with ``apply_pending()`` in its
+idle time between ticks (``run_episodes`` does, before sleeping to the deadline), so the next tick carries no switch
+work; it waits for a tick in progress, so it is safe from any thread too. A skill whose graph has a completion output ("done", (B,) probability,
 policy.json "completion") reports it in ``Controller.completion`` (``robolora.sequencer`` drives sequences on it).
 
 Safety. Every observation is validated (keys, shape, dtype, finite, recorded bounds). A batch element whose
@@ -383,8 +385,10 @@ class Controller:
         self.transitions = None if transitions is None else {k: tuple(v) for k, v in transitions.items()}
         self.faults = {"observation": 0, "output": 0}
         self.completion_every_tick = False
-        self.switched = False  # the last select_action applied a switch
-        self.switch_s: deque[float] = deque(maxlen=SWITCH_LOG)  # activate() call + applying it at the tick boundary
+        self.switched = False  # the last select_action ran on a skill just switched to (at its boundary or before)
+        self.switch_s: deque[float] = deque(maxlen=SWITCH_LOG)  # activate() call + applying the switch
+        self._switched_early = False  # apply_pending switched since the last tick
+        self._tick_lock = threading.Lock()  # held by select_action and apply_pending: no switch lands mid-tick
         self._active: str | None = skills[0].spec.skill
         self._pending: str | None = None
         self._pending_s = 0.0
@@ -509,8 +513,22 @@ class Controller:
             self._done[:] = np.nan
         return actions[0] if self._layout is not None and self._layout[1] else actions
 
+    def apply_pending(self) -> bool:
+        """Apply a requested switch now instead of at the start of the next ``select_action``; returns whether the
+        active skill changed. A loop calls it in its idle time (after the env step, before sleeping to the next
+        deadline), so the tick that follows starts on the new skill with no switch work left; ``run_episodes``
+        does. Safe from any thread: a tick in progress finishes first, so a switch never lands mid-tick."""
+        with self._tick_lock:
+            switched = self._apply_pending()
+            self._switched_early |= switched
+            return switched
+
     def select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
         """Next action, (A,) for one observation or (B, A) for a batch; never raises on a bad observation."""
+        with self._tick_lock:
+            return self._select_action(obs)
+
+    def _select_action(self, obs: Mapping[str, Any]) -> np.ndarray:
         self._tick_boundary()
         spec, queue = self.spec, self._queues[self._active]
         batch, unbatched = self._layout_of(obs)
@@ -552,18 +570,21 @@ class Controller:
 
     def _tick_boundary(self) -> None:
         """Apply a pending switch, whole: the tick that follows runs on one skill from an empty queue."""
+        self.switched = self._apply_pending() or self._switched_early
+        self._switched_early = False
+
+    def _apply_pending(self) -> bool:
         with self._lock:
             pending, asked_s, self._pending = self._pending, self._pending_s, None
-        self.switched = False
         if pending is None or pending == self._active:
-            return
+            return False
         t0 = time.perf_counter()
         self._queues[self._active].reset()
         self._queues[pending].reset()
         self._active, self._done = pending, None
-        self.switched = True
         self.switch_s.append(asked_s + time.perf_counter() - t0)
         logger.info("switched to skill %r", pending)
+        return True
 
     def _query(self, inputs: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
         """The action chunks of ``rows``; their completion probabilities too when the skill has a head."""
@@ -736,6 +757,7 @@ def run_episodes(env: Any, controller: Controller, episodes: int, hz: float | No
         if sequencer is not None:
             sequencer.observe(tick.info, bool(tick.running[0]))
             episode.fields.update(sequencer.record())
+            controller.apply_pending()  # the switch it asked for, in the idle time before the next deadline
         if tick.running[0] and not rate.wait(tick.stepped_at):
             episode.fields["deadline_misses"] += 1
             if sequencer is not None and controller.switched:
