@@ -280,34 +280,16 @@ class ACTPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
             tokens.append(self.stems[cam](x) + image_pos + self.camera_embed[i])  # (B, g*g, D)
         return self.encoder(torch.cat(tokens, dim=1))  # (B, T, D)
 
-    def _decode(self, batch: Batch) -> torch.Tensor:
-        """The decoder output for the K action queries (B, K, D)."""
+    def _query_tokens(self, batch: Batch) -> torch.Tensor:
+        """The decoder output for the K action queries (B, K, D), final-normed: what the action head reads and
+        ``features`` pools."""
         memory = self._encode(batch)  # (B, T, D)
         queries = self.query_embed.expand(memory.shape[0], -1, -1)  # (B, K, D)
         return self.decoder(queries, memory)  # (B, K, D)
 
     def _raw_chunk(self, batch: Batch) -> torch.Tensor:
         """Unclamped action chunk (B, K, A)."""
-        return self.action_head(self._decode(batch))  # (B, K, A)
-
-    def raw_chunk_and_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unclamped chunk (B, K, A) without any residual head, and ``features`` (B, D), from one forward pass:
-        what a residual head reads (``robolora.residual``; RL fine-tuning builds its actor on this)."""
-        self._check_batch(batch)
-        tokens = self._decode(batch)  # (B, K, D)
-        return self.action_head(tokens), tokens.mean(1)
-
-    def features(self, batch: Batch) -> torch.Tensor:
-        """Observation features (B, D) for a skill's completion head (robolora.policy's hook): the mean of the
-        decoder's final-normed output over the K action queries, what the action head reads."""
-        self._check_batch(batch)
-        return self._decode(batch).mean(1)  # (B, D)
-
-    def predict_chunk(self, batch: Batch) -> torch.Tensor:
-        """Predicted action chunk (B, K, A), clamped to the action space [-1, 1]. Gradients are not disabled."""
-        self._check_batch(batch)
-        tokens = self._decode(batch)  # (B, K, D)
-        return self._with_residual(self.action_head(tokens), tokens).clamp(-1.0, 1.0)  # (B, K, A)
+        return self.action_head(self._query_tokens(batch))  # (B, K, A)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Masked L1 behaviour-cloning loss (ACT's) on a batch with ``action`` (B, K, A) and ``action_is_pad``

@@ -147,7 +147,7 @@ class VisuomotorPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
 
     # ---- the network ---------------------------------------------------------------------------------------
 
-    def _action_tokens(self, batch: Batch) -> torch.Tensor:
+    def _query_tokens(self, batch: Batch) -> torch.Tensor:
         """Run the transformer; returns the final-normed action-query tokens (B, K, D)."""
         return self.ln_f(self._encode(batch)[:, -self.config.chunk_size:])  # (B, K, D)
 
@@ -175,27 +175,6 @@ class VisuomotorPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
             x = block(x)  # (B, T, D)
         return x
 
-    def predict_chunk(self, batch: Batch) -> torch.Tensor:
-        """Predicted action chunk (B, K, A), clamped to the action space [-1, 1]. Gradients are not disabled."""
-        self._check_batch(batch)
-        tokens = self._action_tokens(batch)  # (B, K, D)
-        return self._with_residual(self.action_head(tokens), tokens).clamp(-1.0, 1.0)  # (B, K, A)
-
-    def raw_chunk_and_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unclamped chunk (B, K, A) without any residual head, and ``features`` (B, D), from one forward pass:
-        what a residual head reads (``robolora.residual``; RL fine-tuning builds its actor on this)."""
-        self._check_batch(batch)
-        tokens = self._action_tokens(batch)  # (B, K, D)
-        return self.action_head(tokens), tokens.mean(1)
-
-    def features(self, batch: Batch) -> torch.Tensor:
-        """Observation features (B, D) for a skill's completion head (robolora.policy's hook): the mean of the
-        final-normed action-query tokens, what the action head reads. Against the pooled whole sequence, the task
-        token and the image tokens as inputs to a completion head on wipe demos: all within 0.006 AUC, this one
-        the best (docs/completion.md)."""
-        self._check_batch(batch)
-        return self._action_tokens(batch).mean(1)  # (B, D)
-
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Behaviour-cloning loss on a batch with ``action`` (B, K, A) and ``action_is_pad`` (B, K).
 
@@ -205,5 +184,5 @@ class VisuomotorPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
         (a tanh head would saturate there). Padded steps (past the episode end) are masked out.
         """
         self._check_batch(batch, training=True)
-        return chunk_l1_loss(self.action_head(self._action_tokens(batch)), batch)  # (B, K, A) before the clamp
+        return chunk_l1_loss(self.action_head(self._query_tokens(batch)), batch)  # (B, K, A) before the clamp
 
