@@ -196,31 +196,32 @@ def load_adapter(path: str | Path) -> SkillAdapter:
     return adapter
 
 
-def _read_completion(path: Path, meta: dict[str, Any]) -> Completion | None:
-    """The folder's completion head, validated; None when it has none. The entry and the file come together."""
-    if "completion" not in meta and not (path / COMPLETION_FILE).exists():
+def _read_head_entry(path: Path, meta: dict[str, Any], entry: str, file: str,
+                     fix: str) -> tuple[Mapping[str, Any], dict[str, torch.Tensor]] | None:
+    """A skill head's ``adapter.json`` entry and its tensors file, which come together; None when the folder has
+    neither. ``fix`` says how to repair a folder holding one without the other."""
+    if entry not in meta and not (path / file).exists():
         return None
-    if "completion" not in meta or not (path / COMPLETION_FILE).is_file():
-        have, lacks = (f"a \"completion\" entry in {META}", COMPLETION_FILE) if "completion" in meta else \
-            (COMPLETION_FILE, f"a \"completion\" entry in {META}")
-        raise ValueError(f"{path} holds {have} but not {lacks}; re-copy the adapter folder or retrain the head "
-                         "(robolora train-completion)")
-    return Completion.from_files(meta["completion"], _read_tensors(path / COMPLETION_FILE), path)
+    if entry not in meta or not (path / file).is_file():
+        named = f"a \"{entry}\" entry in {META}"
+        have, lacks = (named, file) if entry in meta else (file, named)
+        raise ValueError(f"{path} holds {have} but not {lacks}; re-copy the adapter folder or {fix}")
+    if not isinstance(meta[entry], Mapping):
+        raise ValueError(f"{path / META}: \"{entry}\" must be an object, got {meta[entry]!r}; the adapter file is "
+                         "corrupt or hand-edited")
+    return meta[entry], _read_tensors(path / file)
+
+
+def _read_completion(path: Path, meta: dict[str, Any]) -> Completion | None:
+    """The folder's completion head, validated; None when it has none."""
+    head = _read_head_entry(path, meta, "completion", COMPLETION_FILE, "retrain the head (robolora train-completion)")
+    return None if head is None else Completion.from_files(*head, path)
 
 
 def _read_residual(path: Path, meta: dict[str, Any]) -> ResidualHead | None:
-    """The folder's residual action head, validated; None when it has none. The entry and the file come together."""
-    if "residual" not in meta and not (path / RESIDUAL_FILE).exists():
-        return None
-    if "residual" not in meta or not (path / RESIDUAL_FILE).is_file():
-        have, lacks = (f"a \"residual\" entry in {META}", RESIDUAL_FILE) if "residual" in meta else \
-            (RESIDUAL_FILE, f"a \"residual\" entry in {META}")
-        raise ValueError(f"{path} holds {have} but not {lacks}; re-copy the adapter folder or rewrite it with "
-                         "robolora finetune-rl")
-    if not isinstance(meta["residual"], Mapping):
-        raise ValueError(f"{path / META}: \"residual\" must be an object (feature_dim, chunk_size, action_dim, "
-                         f"hidden), got {meta['residual']!r}; the adapter file is corrupt or hand-edited")
-    return ResidualHead.from_files(meta["residual"], _read_tensors(path / RESIDUAL_FILE), path)
+    """The folder's residual action head, validated; None when it has none."""
+    head = _read_head_entry(path, meta, "residual", RESIDUAL_FILE, "rewrite it with robolora finetune-rl")
+    return None if head is None else ResidualHead.from_files(*head, path)
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], layers: list[str], rank: int,
