@@ -5,6 +5,7 @@ Usage:
     python scripts/bench_export.py --skill runs/skills/wipe --repeats 1000
     python scripts/bench_export.py --base runs/base --threads 1
     python scripts/bench_export.py --skills wipe,dish_rack --threads 1    # single-skill vs bank vs ORT multi-LoRA
+    .venv-lerobot/bin/python scripts/bench_export.py --base runs/lerobot_act --skill runs/lerobot_wipe --threads 1
 
 One skill (``--skill`` or none): exports ``--base`` (default ``policies/pretrained/base`` when its
 model.safetensors exists, else a random ``base`` preset policy; latency does not depend on the weights) with the
@@ -215,7 +216,8 @@ def bench_one(policy: nn.Module, source: str, skill: Path | None, repeats: int, 
         print(f"{'threads':>7} {'runner':24} {'query p50':>10} {'query p99':>10} {'step p50':>9} {'step p99':>9}")
         for threads in threads_list:
             torch.set_num_threads(threads)
-            controller = load_bundle(Path(tmp) / "bundle", task_id=0, threads=threads)
+            controller = load_bundle(Path(tmp) / "bundle", task_id=0 if policy.spec.task_key else None,
+                                     threads=threads)
             inputs = {k: v.numpy() for k, v in probe.items() if k in controller.spec.inputs}
             times: dict[str, list[float]] = {k: [] for k in ("oq", "tq", "os", "ts")}
             with torch.no_grad():
@@ -304,7 +306,8 @@ def bench_skills(policy: nn.Module, source: str, skills: list[str], repeats: int
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", type=Path, default=None, help="base checkpoint folder (default: shipped or random)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="base checkpoint folder or LeRobot policy folder (default: shipped or random)")
     parser.add_argument("--preset", default="base", help="preset of the random policy when no checkpoint is used")
     parser.add_argument("--skill", type=Path, default=None, help="adapter folder to merge (default: base alone)")
     parser.add_argument("--skills", default=None,
@@ -318,7 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     base = args.base or (SHIPPED if (SHIPPED / "model.safetensors").is_file() else None)
     if base is not None:
-        policy, source = load_policy(base), str(base)
+        from robolora.cli import load_base  # a robolora checkpoint or a LeRobot policy folder (lerobot extra)
+
+        policy, source = load_base(base, action_bounds=(-1.0, 1.0)), str(base)
     else:
         torch.manual_seed(0)
         policy, source = VisuomotorPolicy(PolicyConfig.preset(args.preset)).eval(), f"random '{args.preset}'"
