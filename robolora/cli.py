@@ -174,7 +174,7 @@ def load_base(path: Path, device: str = "cpu", action_bounds: tuple[float, float
 
 
 def env_bounds(env_id: str) -> tuple[float, float]:
-    """The action bounds of a robolora env (one interval for every dimension)."""
+    """The action bounds of a robolora env, by task name or gym id (one interval for every dimension)."""
     from robolora.envs import make
 
     env = make(env_id)
@@ -436,8 +436,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     bar = Progress(args.episodes, "rollout", not args.json)
     try:
-        m = rollout_main(args.skills, resolve_run(args.base, "policy", "config.json"), episodes=args.episodes,
-                         seed=args.seed, switch=args.switch, schedule_ticks=args.schedule, mode=args.mode,
+        m = rollout_main(args.skills, load_base(args.base, str(resolve_device(args.device)), env_bounds(args.env)),
+                         episodes=args.episodes, seed=args.seed, switch=args.switch, schedule_ticks=args.schedule, mode=args.mode,
                          video_path=args.video, device=str(resolve_device(args.device)), progress=bar.update_to,
                          env_id=args.env)
     finally:

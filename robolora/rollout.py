@@ -304,7 +304,7 @@ def rollout_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 def rollout_main(
     skills: str | Sequence[str | Path],
-    base: str | Path,
+    base: str | Path | Any,
     *,
     episodes: int = 50,
     seed: int = EVAL_SEED,
@@ -316,11 +316,11 @@ def rollout_main(
     progress: Callable[[int], None] | None = None,
     env_id: str = KITCHEN_ENV_ID,
 ) -> dict[str, Any]:
-    """``robolora rollout``: load the base policy from ``base`` onto ``device``, attach ``skills``
-    (``"wipe,dish_rack"``, names or adapter folders) in a ``SkillManager(mode)`` and run :func:`rollout` on
-    ``env_id``."""
+    """``robolora rollout``: load the base policy from ``base`` (a checkpoint folder, or an already loaded policy
+    such as a LeRobot one) onto ``device``, attach ``skills`` (``"wipe,dish_rack"``, names or adapter folders) in a
+    ``SkillManager(mode)`` and run :func:`rollout` on ``env_id``."""
     from robolora.policies import load_policy
 
-    policy = load_policy(base, device=device).eval()
+    policy = (load_policy(base, device=device) if isinstance(base, (str, Path)) else base).eval()
     return rollout(policy, skills, episodes, seed, switch, schedule_ticks, mode, video_path, progress,
                    env_id=env_id)

@@ -203,6 +203,11 @@ def test_eval_and_export_commands_take_a_lerobot_folder(work: dict[str, Path], t
     meta = json.loads(capsys.readouterr().out)
     assert meta["parity"]["max_abs_diff"] < meta["parity"]["tolerance"] and meta["skill"] == "reach"
     assert meta["action"]["low"] == [-1.0] * 4 and meta["action"]["high"] == [1.0] * 4
+    save_adapter(random_skill(load_lerobot_policy(work["act"]), "dish_rack", 5), tmp_path / "skill2")
+    assert main(["rollout", "--base", str(work["act"]), "--skills", f"{tmp_path / 'skill'},{tmp_path / 'skill2'}",
+                 "--switch", "schedule", "--schedule", "5", "--episodes", "1", "--json"]) == 0
+    rollout = json.loads(capsys.readouterr().out)
+    assert rollout["rollout/switches"] >= 1  # the LeRobot ACT ran both skills in the kitchen, switching on schedule
 
 
 def test_convert_trims_post_success_frames_and_takes_the_first_episodes(tmp_path: Path) -> None:
