@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from robolora.config import check_ints
+
 CAMERAS = ("front", "wrist")
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -39,10 +41,7 @@ def check_shared_fields(config: Any, int_fields: tuple[tuple[str, int], ...]) ->
     unknown = [c for c in config.cameras if c not in CAMERAS]
     if unknown:
         raise ValueError(f"{cls}.cameras has unknown camera(s) {unknown}; valid: {list(CAMERAS)}")
-    for name, low in int_fields:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{cls}.{name} must be an int >= {low}, got {value!r}")
+    check_ints(cls, config, int_fields)
     if config.d_model % config.n_heads:
         raise ValueError(f"{cls}.d_model={config.d_model} must be divisible by n_heads={config.n_heads}")
     if not (isinstance(config.mlp_ratio, (int, float)) and 0 < config.mlp_ratio <= 16):

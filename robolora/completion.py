@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from robolora.config import check_ints
 from robolora.data import load_manifest
 from robolora.policy import check_policy, policy_device
 
@@ -96,14 +97,9 @@ class CompletionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("hidden", 0), ("image_channels", 0), ("image_kernel", 1), ("lead", 0), ("steps", 1),
-                          ("batch_size", 1), ("k", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"CompletionConfig.{name} must be an int >= {low}, got {value!r}")
-        if self.timeout_ticks is not None and (isinstance(self.timeout_ticks, bool)
-                                               or not isinstance(self.timeout_ticks, int) or self.timeout_ticks < 1):
-            raise ValueError(f"CompletionConfig.timeout_ticks must be None or an int >= 1, got {self.timeout_ticks!r}")
+        check_ints("CompletionConfig", self, (("hidden", 0), ("image_channels", 0), ("image_kernel", 1),
+                                              ("lead", 0), ("steps", 1), ("batch_size", 1), ("k", 1),
+                                              ("timeout_ticks", 1)), optional=("timeout_ticks",))
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise ValueError(f"CompletionConfig: lr={self.lr!r} must be > 0 and weight_decay={self.weight_decay!r} "
                              ">= 0")
@@ -250,10 +246,7 @@ class Completion:
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
             raise ValueError(f"completion threshold must be a probability in (0, 1), got {self.threshold!r}")
-        for name in ("k", "timeout_ticks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"completion {name} must be an int >= 1, got {value!r}")
+        check_ints("completion", self, (("k", 1), ("timeout_ticks", 1)))
         self.threshold = float(self.threshold)
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -103,6 +103,18 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_ints(owner: str, obj: Any, fields: Any, *, optional: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError("<owner>.<name> must be an int >= <low>, got ...")`` unless every ``(name, low)`` of
+    ``fields`` is an int (not a bool) >= low on ``obj``; names in ``optional`` may also be None."""
+    for name, low in fields:
+        value = getattr(obj, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            none = "None or " if name in optional else ""
+            raise ValueError(f"{owner}.{name} must be {none}an int >= {low}, got {value!r}")
+
+
 def _check_pattern(pattern: Any) -> None:
     if not isinstance(pattern, str) or not pattern or pattern == REGEX_PREFIX:
         raise ValueError(

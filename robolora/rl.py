@@ -45,6 +45,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from robolora.adapters import attach_active, check_skill_budget, load_adapter, save_adapter
 from robolora.atomic import atomic_dir, write_json
+from robolora.config import check_ints
 from robolora.envs import TASKS
 from robolora.evaluate import evaluate, make_env
 from robolora.policies import base_fingerprint, load_policy
@@ -98,10 +99,9 @@ class RLConfig:
     device: str = _field("auto", "auto (CUDA when present), cpu or cuda")
 
     def __post_init__(self) -> None:
-        for name in ("n_envs", "n_steps", "batch_size", "n_epochs", "value_hidden", "residual_hidden",
-                     "val_every", "val_episodes"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"RLConfig.{name}={getattr(self, name)!r}: must be an int >= 1")
+        check_ints("RLConfig", self, ((name, 1) for name in ("n_envs", "n_steps", "batch_size", "n_epochs",
+                                                             "value_hidden", "residual_hidden", "val_every",
+                                                             "val_episodes")))
         if self.n_steps * self.n_envs < 2:
             raise ValueError(f"RLConfig: n_steps * n_envs = {self.n_steps * self.n_envs}; PPO needs >= 2")
         for name in ("actor_lr", "critic_lr", "init_std", "clip_range", "max_grad_norm"):
