@@ -404,3 +404,24 @@ def test_train_skill_refuses_bad_lerobot_input_by_name_writing_nothing(
     assert err.startswith("robolora train-skill: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_a_query_skips_lerobots_eval_walk_only_when_already_in_eval_mode(policy: LeRobotPolicy) -> None:
+    """LeRobot's predict_action_chunk calls self.eval() per query (a walk over every submodule, skills included):
+    skipped in eval mode, the same actions either way, nothing left behind; in training mode it still runs."""
+    walks = []
+    original = nn.Module.eval
+    probe = policy.spec.probe(2)
+    try:
+        nn.Module.eval = lambda self: walks.append(type(self).__name__) or original(self)  # type: ignore[method-assign]
+        policy.predict_chunk(probe)  # LeRobot's object starts in training mode (outside our tree): its own eval()
+        walks.clear()
+        quiet = policy.predict_chunk(probe)
+        assert walks == [] and "eval" not in policy.lerobot_policy.__dict__
+        policy.train()
+        walks.clear()
+        loud = policy.predict_chunk(probe)
+        assert walks == ["StandInACT"] and not policy.lerobot_policy.training  # LeRobot's own switch to eval mode
+    finally:
+        nn.Module.eval = original  # type: ignore[method-assign]
+    assert torch.equal(quiet, loud)
