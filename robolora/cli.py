@@ -158,12 +158,16 @@ def resolve_run(path: Path, sub: str, marker: str) -> Path:
     return path / sub if not (path / marker).exists() and (path / sub / marker).exists() else path
 
 
-def load_base(path: Path, device: str = "cpu", action_bounds: tuple[float, float] | None = None) -> Any:
+def load_base(path: Path, device: str = "cpu", action_bounds: tuple[float, float] | None = None,
+              bounds_env: str | None = None) -> Any:
     """``--policy``/``--base``: a robolora run or checkpoint folder, or a saved LeRobot policy folder / a
-    ``lerobot-train`` output (needs the lerobot extra; ``action_bounds`` clamps its actions)."""
+    ``lerobot-train`` output (needs the lerobot extra). A LeRobot policy's actions are clamped to ``action_bounds``,
+    or to the action bounds of the env ``bounds_env`` (made only then); a robolora policy has its own."""
     from robolora.integrations.lerobot import is_lerobot_policy_folder, load_lerobot_policy
 
     if is_lerobot_policy_folder(path):
+        if action_bounds is None and bounds_env is not None:
+            action_bounds = env_bounds(bounds_env)
         try:
             return load_lerobot_policy(path, device=device, action_bounds=action_bounds)
         except ImportError as e:  # lerobot missing: the message says what to install
@@ -332,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robolora.evaluate import evaluate
     from robolora.train import resolve_device
 
-    policy = load_base(args.policy, str(resolve_device(args.device)), env_bounds(TASKS[args.task[0]]))
+    policy = load_base(args.policy, str(resolve_device(args.device)), bounds_env=TASKS[args.task[0]])
     if args.skill:
         from robolora.adapters import attach_for_eval
 
@@ -434,12 +438,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from robolora.rollout import rollout_main, rollout_rows
     from robolora.train import resolve_device
 
+    device = str(resolve_device(args.device))
+    base = load_base(args.base, device, bounds_env=args.env)
     bar = Progress(args.episodes, "rollout", not args.json)
     try:
-        m = rollout_main(args.skills, load_base(args.base, str(resolve_device(args.device)), env_bounds(args.env)),
-                         episodes=args.episodes, seed=args.seed, switch=args.switch, schedule_ticks=args.schedule, mode=args.mode,
-                         video_path=args.video, device=str(resolve_device(args.device)), progress=bar.update_to,
-                         env_id=args.env)
+        m = rollout_main(args.skills, base, episodes=args.episodes, seed=args.seed, switch=args.switch,
+                         schedule_ticks=args.schedule, mode=args.mode, video_path=args.video, device=device,
+                         progress=bar.update_to, env_id=args.env)
     finally:
         bar.close()
 
@@ -497,10 +502,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from robolora.integrations.lerobot import is_lerobot_policy_folder
 
-    if args.action_bounds and not is_lerobot_policy_folder(args.base):
+    lerobot = is_lerobot_policy_folder(args.base)
+    if args.action_bounds and not lerobot:
         raise ValueError("--action-bounds is for a LeRobot policy folder; a robolora policy's bounds are its own")
+    # a robolora base goes to the exporter as its folder; a LeRobot one is loaded here, with the given bounds
     base = (load_base(args.base, action_bounds=tuple(args.action_bounds) if args.action_bounds else None)
-            if is_lerobot_policy_folder(args.base) else resolve_run(args.base, "policy", "config.json"))
+            if lerobot else resolve_run(args.base, "policy", "config.json"))
     if args.skills and args.skill:
         raise ValueError("give --skill (one skill) or --skills (a multi-skill bundle), not both")
     if args.skills:
@@ -744,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="success rate (95%% interval), episode length and latency over seeded episodes",
                        epilog="example: robolora eval --policy policies/pretrained/base --task reach push")
     p.add_argument("--policy", type=Path, default=None,
-                   help="policy checkpoint, or a LeRobot policy folder / lerobot-train output (default: the shipped base)")
+                   help="policy checkpoint, or a LeRobot policy folder / lerobot-train output (default: the "
+                        "shipped base)")
     p.add_argument("--skill", type=Path, default=None, help="skill adapter folder to attach")
     p.add_argument("--task", type=task_arg, nargs="+", required=True, help="task names or gym ids")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task (default 50)")

@@ -18,8 +18,9 @@ switch happens at the next tick boundary, at the start of the next ``select_acti
 under a lock: that whole tick runs on one skill, the old skill's queued actions and ensembling state are dropped and
 the new skill starts from an empty queue. A loop may apply the request earlier with ``apply_pending()`` in its
 idle time between ticks (``run_episodes`` does, before sleeping to the deadline), so the next tick carries no switch
-work; it waits for a tick in progress, so it is safe from any thread too. A skill whose graph has a completion output ("done", (B,) probability,
-policy.json "completion") reports it in ``Controller.completion`` (``robolora.sequencer`` drives sequences on it).
+work; it waits for a tick in progress, so it is safe from any thread too. A skill whose graph has a completion
+output ("done", (B,) probability, policy.json "completion") reports it in ``Controller.completion``
+(``robolora.sequencer`` drives sequences on it).
 
 Safety. Every observation is validated (keys, shape, dtype, finite, recorded bounds). A batch element whose
 observation (or model output) is bad gets the *hold* action instead and the fault is counted:

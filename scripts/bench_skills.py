@@ -76,6 +76,7 @@ class Setup:
     targets: tuple[str, ...]
     skills: int
     large: bool = False  # timed for --large-rounds rounds (else --step-rounds); no recompile count
+    compile: bool = True  # counted under torch.compile (unless large)
 
 
 def lerobot_setup(args: argparse.Namespace) -> Setup:
@@ -86,7 +87,7 @@ def lerobot_setup(args: argparse.Namespace) -> Setup:
         raise SystemExit("--configs lerobot needs --lerobot-policy FOLDER (a lerobot-train output or policy folder)")
     return Setup(f"lerobot {Path(args.lerobot_policy).name}",
                  lambda: load_lerobot_policy(args.lerobot_policy, action_bounds=(-1.0, 1.0)),
-                 LeRobotPolicy.lora_targets + LeRobotPolicy.lora_mlp_targets, args.act_skills)
+                 LeRobotPolicy.lora_targets + LeRobotPolicy.lora_mlp_targets, args.act_skills, compile=False)
 
 
 def setups(args: argparse.Namespace) -> dict[str, Setup]:
@@ -256,9 +257,9 @@ def bench_config(setup: Setup, args: argparse.Namespace, device: torch.device, p
         step_t = interleaved(steps, rounds, device)
         switch_t = interleaved({k: (lambda f=f: f(next(counter) % len(names))) for k, f in switch_fns.items()},
                                rounds, device, warmup=4, before=switched_step)
-    base_state = {k: v.clone() for k, v in policy.state_dict().items()}
-    for mode, mgr in ours.items():
-        if args.bit_switches:
+    if args.bit_switches:  # the managers' copies started as this policy, which no manager touched
+        base_state = policy.state_dict()
+        for mode, mgr in ours.items():
             with torch.no_grad():
                 for i in range(args.bit_switches):
                     switch_fns[mode](i % len(names))
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += bench_config(setup, args, device, peft_ok, Path(tmp))
             print(f"[{setup.label}] done after {time.perf_counter() - start:.0f} s")
         if not args.no_compile:
-            for setup in (s for s in chosen if not s.large and not s.label.startswith("lerobot")):
+            for setup in (s for s in chosen if s.compile and not s.large):
                 compile_rows += recompiles(setup, args, device, peft_ok, Path(tmp))
     print(f"\nbatch 1, r={args.rank}, {args.threads} thread(s), {device}; {time.perf_counter() - start:.0f} s")
     for setup in chosen:

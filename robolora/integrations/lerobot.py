@@ -38,7 +38,7 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -354,7 +354,7 @@ class LeRobotPolicy(ChunkedActing, nn.Module):
             chunk = policy.predict_action_chunk(inputs)  # (B, K, A) normalised
         else:  # LeRobot's predict_action_chunk calls self.eval() on every query, which walks every submodule: with
             # 16 skills attached (576 modules) about 1.5 ms of a 22 ms query; already in eval mode, it is a no-op
-            policy.__dict__["eval"] = _in_eval_mode(policy)
+            policy.__dict__["eval"] = lambda: policy
             try:
                 chunk = policy.predict_action_chunk(inputs)  # (B, K, A) normalised
             finally:
@@ -402,11 +402,6 @@ class LeRobotPolicy(ChunkedActing, nn.Module):
                 raise ValueError(f"batch[{key!r}] has shape {got}, the policy reads (B, {', '.join(map(str, shape))})"
                                  + (f" (LeRobot feature {self.features.key_map[key]!r})"
                                     if key in self.features.key_map else ""))
-
-
-def _in_eval_mode(module: nn.Module) -> Callable[[], nn.Module]:
-    """What ``module.eval()`` returns when the module is already in eval mode, without walking its submodules."""
-    return lambda: module
 
 
 def resolve_lerobot_policy_folder(path: str | Path) -> Path:
