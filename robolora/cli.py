@@ -270,13 +270,9 @@ def _train_lerobot_skill(args: argparse.Namespace) -> int:
         raise ValueError(f"--base {args.base} is a LeRobot policy folder, so --data must be a LeRobotDataset v3 folder "
                          f"(meta/info.json); {args.data} is not one. Convert robolora demos with `robolora convert "
                          f"--to lerobot {args.data} --out {args.data}_lerobot`")
-    unsupported = {"--method": args.method != "lora", "--demos": args.demos is not None,
-                   "--select-episodes": bool(args.select_episodes), "--eval-episodes": bool(args.eval_episodes)}
-    unsupported = [flag for flag, given in unsupported.items() if given]
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)} not available for a LeRobot policy (robolora trains LoRA skills "
-                         "on it from the whole dataset; use lerobot-train for full fine-tuning, lerobot-eval to "
-                         "evaluate): drop them")
+    if args.method != "lora":
+        raise ValueError(f"--method {args.method} is not available for a LeRobot policy (robolora trains LoRA skills "
+                         f"on it; fine-tune the whole policy with lerobot-train --policy.path={args.base}): drop it")
     targets = LeRobotPolicy.lora_targets + (LeRobotPolicy.lora_mlp_targets if args.mlp else ())
     if args.targets:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -286,16 +282,21 @@ def _train_lerobot_skill(args: argparse.Namespace) -> int:
     try:
         info = lerobot_data.train_lerobot_skill(base, args.data, args.out, skill=args.skill, lora=lora,
                                                 config=_train_config(args), execution=skill_execution(args),
-                                                resume=args.resume, on_step=bar.update_to)
+                                                resume=args.resume, on_step=bar.update_to, demos=args.demos,
+                                                select_episodes=args.select_episodes,
+                                                eval_episodes=args.eval_episodes)
     except ImportError as e:  # lerobot missing: the message says what to install
         raise ValueError(str(e)) from e
     finally:
         bar.close()
     summary = {"skill": info["skill"], "method": "lora", "out": info["out"], "lerobot_policy": str(base),
-               "samples": info["samples"], "trainable_params": info["trainable_params"],
+               "demos": info["demos"], "samples": info["samples"], "trainable_params": info["trainable_params"],
                "trainable_%_of_base": round(info["trainable_percent_of_base"], 3),
                "train_loss": info["train_metrics"]["train/loss"],
-               "train_wall_s": round(info["train_metrics"]["train/wall_s"], 1)}
+               "train_wall_s": round(info["train_metrics"]["train/wall_s"], 1), **info.get("eval", {})}
+    if "selection" in info:
+        summary["selected_step"] = info["selection"]["step"]
+        summary["val_success"] = info["selection"]["success_rate"]
     emit(args, info if args.json else summary)
     return 0
 

@@ -165,10 +165,12 @@ class KeepBest:
     atomically, so a killed and resumed run still knows its best step.
     """
 
-    def __init__(self, policy: torch.nn.Module, env_id: str, out_dir: str | Path, episodes: int) -> None:
+    def __init__(self, policy: torch.nn.Module, env_id: str, out_dir: str | Path, episodes: int,
+                 env_kwargs: dict[str, Any] | None = None) -> None:
         if episodes < 1:
             raise ValueError(f"select_episodes={episodes}: must be >= 1 validation episodes (0 turns selection off)")
         self.env_id, self.episodes, self.path = env_id, episodes, Path(out_dir) / BEST_FILE
+        self.env_kwargs = env_kwargs  # what the env renders for this policy (a LeRobot policy's image size)
         self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
         self.best: dict[str, float] | None = None
         if self.path.exists():
@@ -181,7 +183,8 @@ class KeepBest:
     def __call__(self, policy: torch.nn.Module, step: int) -> dict[str, float]:
         from robolora.evaluate import evaluate
 
-        rate = float(evaluate(policy, self.env_id, self.episodes, seed=VALIDATION_SEED)["eval/success_rate"])
+        rate = float(evaluate(policy, self.env_id, self.episodes, seed=VALIDATION_SEED,
+                              env_kwargs=self.env_kwargs)["eval/success_rate"])
         if self.best is None or rate >= self.best["success_rate"]:
             self.best = {"step": step, "success_rate": rate}
             if int(os.environ.get("RANK", "0")) == 0:

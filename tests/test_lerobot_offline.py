@@ -342,7 +342,7 @@ def test_train_skill_routes_lerobot_folders_to_train_lerobot_skill(tmp_path: Pat
 
     def fake(policy_folder, dataset_folder, out_dir, **kwargs):
         calls.append((Path(policy_folder), Path(dataset_folder), Path(out_dir), kwargs))
-        return {"skill": kwargs["skill"] or "reach", "out": str(Path(out_dir) / "adapter"), "samples": 42,
+        return {"skill": kwargs["skill"] or "reach", "out": str(Path(out_dir) / "adapter"), "demos": 3, "samples": 42,
                 "trainable_params": 10, "trainable_percent_of_base": 0.1,
                 "train_metrics": {"train/loss": 0.5, "train/wall_s": 1.0}}
 
@@ -351,13 +351,16 @@ def test_train_skill_routes_lerobot_folders_to_train_lerobot_skill(tmp_path: Pat
     (run / "checkpoints" / "last").mkdir(parents=True)
     act.rename(run / "checkpoints" / "last" / "pretrained_model")
     assert cli.main(["train-skill", "--base", str(run), "--data", str(data), "--out", str(tmp_path / "out"),
-                     "--mlp", "--rank", "2", "--steps", "5", "--n-action-steps", "2", "--skill", "pick"]) == 0
+                     "--mlp", "--rank", "2", "--steps", "5", "--n-action-steps", "2", "--skill", "pick",
+                     "--demos", "3", "--select-episodes", "2", "--select-every", "4", "--eval-episodes", "6"]) == 0
     (base, dataset, out, kwargs), = calls
     assert base == run / "checkpoints" / "last" / "pretrained_model" and dataset == data
     assert out == tmp_path / "out" and kwargs["skill"] == "pick"
     assert kwargs["lora"].targets == LeRobotPolicy.lora_targets + LeRobotPolicy.lora_mlp_targets
     assert kwargs["lora"].rank == 2 and kwargs["config"].steps == 5 and kwargs["config"].lr == 1e-3
     assert kwargs["execution"] == {"n_action_steps": 2} and kwargs["resume"] is False
+    assert kwargs["demos"] == 3 and kwargs["select_episodes"] == 2 and kwargs["config"].eval_every == 4
+    assert kwargs["eval_episodes"] == 6
 
 
 @pytest.mark.parametrize("case, message", [
@@ -368,7 +371,9 @@ def test_train_skill_routes_lerobot_folders_to_train_lerobot_skill(tmp_path: Pat
     ("v2.1 dataset", r"is a LeRobotDataset v2.1; robolora reads LeRobotDataset v3.x.*convert_dataset_v21_to_v30"),
     ("robolora base", r"is a LeRobotDataset \(v3.0\); train on it with the LeRobot policy it fits: --base"),
     ("robolora demos", r"must be a LeRobotDataset v3 folder.*robolora convert --to lerobot"),
-    ("full fine-tuning", r"--method, --eval-episodes not available for a LeRobot policy"),
+    ("full fine-tuning", r"--method full is not available for a LeRobot policy.*lerobot-train --policy.path="),
+    ("no env to roll out", r"skill 'stack_cups' is not a robolora task \(.*reach.*\): name the env"),
+    ("no demos", r"demos=0 \(--demos\): must be an int >= 1"),
     ("bad execution", r"n_action_steps=9 must be in \[1, chunk_size=8\]"),
 ])
 def test_train_skill_refuses_bad_lerobot_input_by_name_writing_nothing(
@@ -390,7 +395,11 @@ def test_train_skill_refuses_bad_lerobot_input_by_name_writing_nothing(
     elif case == "v2.1 dataset":
         info["codebase_version"] = "v2.1"
     elif case == "full fine-tuning":
-        flags = ["--method", "full", "--eval-episodes", "5"]
+        flags = ["--method", "full"]
+    elif case == "no env to roll out":
+        flags = ["--skill", "stack_cups", "--eval-episodes", "5"]
+    elif case == "no demos":
+        flags = ["--demos", "0"]
     elif case == "bad execution":
         flags = ["--n-action-steps", "9"]
     act, data = lerobot_folders(tmp_path, config, info)

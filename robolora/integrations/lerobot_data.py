@@ -27,6 +27,7 @@ type, a dataset that is not v3, features that do not fit the policy).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -203,7 +204,8 @@ class LeRobotFrames(Dataset):
     = the actions t..t+K-1 in dataset units, and ``action_is_pad`` bool (K,) for steps past the episode's end.
     """
 
-    def __init__(self, root: str | Path, policy: LeRobotPolicy, repo_id: str | None = None) -> None:
+    def __init__(self, root: str | Path, policy: LeRobotPolicy, repo_id: str | None = None,
+                 episodes: int | None = None) -> None:
         require_lerobot()
         from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
@@ -215,8 +217,12 @@ class LeRobotFrames(Dataset):
         self.features = policy.features
         meta = LeRobotDatasetMetadata(repo_id, root=root)
         check_dataset_features(meta.features, self.features, str(root))
+        if episodes is not None and not 1 <= episodes <= meta.total_episodes:
+            raise ValueError(f"demos={episodes}: {root} holds {meta.total_episodes} episodes; choose 1 to "
+                             f"{meta.total_episodes} (or all, by leaving it out)")
         steps = [i / meta.fps for i in range(self.features.chunk_size)]
-        self.dataset = LeRobotDataset(repo_id, root=root, delta_timestamps={ACTION_KEY: steps}, return_uint8=True)
+        self.dataset = LeRobotDataset(repo_id, root=root, delta_timestamps={ACTION_KEY: steps}, return_uint8=True,
+                                      episodes=None if episodes is None else list(range(episodes)))
         logger.info("LeRobotFrames: %d frames, %d episodes from %s", len(self.dataset),
                     self.dataset.meta.total_episodes, root)
 
@@ -239,24 +245,66 @@ class LeRobotFrames(Dataset):
         return out
 
 
+def _task_env(name: str) -> str:
+    """The robolora env that rolls out a skill named like a robolora task (for validation / evaluation)."""
+    from robolora.envs import TASKS
+
+    if name not in TASKS:
+        raise ValueError(f"validation and evaluation roll the skill out in a robolora env, and skill {name!r} is not "
+                         f"a robolora task ({', '.join(sorted(TASKS))}): name the env (env_id=...) or the skill "
+                         "(--skill TASK), or drop --select-episodes / --eval-episodes")
+    return TASKS[name]
+
+
+def _dataset_task(root: str | Path) -> str:
+    """The one task of a LeRobotDataset (its skill when none is named)."""
+    require_lerobot()
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    tasks = list(LeRobotDatasetMetadata(f"local/{Path(root).name}", root=Path(root)).tasks.index)
+    if len(tasks) != 1:
+        raise ValueError(f"{root} holds the tasks {tasks}; name the skill (skill=..., or robolora train-skill --skill NAME)")
+    return str(tasks[0])
+
+
+def _env_bounds(env_id: str) -> tuple[float, float]:
+    """The action bounds of a robolora env (one interval for every dimension)."""
+    from robolora.envs import make
+
+    env = make(env_id)
+    try:
+        return float(env.action_space.low.min()), float(env.action_space.high.max())
+    finally:
+        env.close()
+
+
 def train_lerobot_skill(policy_folder: str | Path, dataset_folder: str | Path, out_dir: str | Path, *,
                         skill: str | None = None, lora: LoRAConfig | None = None, config: TrainConfig | None = None,
                         action_bounds: tuple[float, float] | None = None,
                         execution: Mapping[str, Any] | None = None, resume: bool = False,
-                        on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+                        on_step: Callable[[int, dict[str, float]], None] | None = None,
+                        demos: int | None = None, select_episodes: int = 0, eval_episodes: int = 0,
+                        env_id: str | None = None) -> dict[str, Any]:
     """Train a LoRA skill on the frozen LeRobot policy in ``policy_folder`` from the local LeRobotDataset v3 in
     ``dataset_folder`` with robolora's loop (``robolora.train.train``); the adapter goes to ``out_dir/adapter``.
 
     ``skill`` defaults to the dataset's task when it has one. ``lora`` defaults to rank 4 on every attention
     projection of ACT's encoder and decoder (``LeRobotPolicy.lora_targets``). ``execution`` (``n_action_steps``,
     ``temporal_ensemble``) is the skill's own chunk execution, saved in adapter.json (default: the policy's).
-    ``resume`` continues from the last checkpoint in ``out_dir``. Bad input is refused before lerobot is imported
-    and before anything is written (:func:`check_training_inputs`). Returns what was trained and where.
+    ``resume`` continues from the last checkpoint in ``out_dir``. ``demos`` trains on the first N episodes only.
+
+    ``select_episodes > 0`` rolls the skill out on that many validation episodes (seeds from 30,000,000) every
+    ``config.eval_every`` steps and keeps the best step (as robolora's own ``train_skill``); ``eval_episodes > 0``
+    evaluates the result on held-out seeds. Both run in the robolora env ``env_id`` (default: the env of the robolora
+    task named like the skill), rendered as the policy reads it, with actions clamped to the env's bounds unless
+    ``action_bounds`` says otherwise. Bad input is refused before lerobot is imported and before anything is written
+    (:func:`check_training_inputs`). Returns what was trained and where.
     """
     from robolora.adapters import adapter_from_policy, save_adapter, validate_execution
     from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
     from robolora.policies import base_fingerprint
     from robolora.policy import Execution
+    from robolora.recipes import KeepBest
     from robolora.train import TrainConfig, train
 
     features = check_training_inputs(policy_folder, dataset_folder)
@@ -265,8 +313,17 @@ def train_lerobot_skill(policy_folder: str | Path, dataset_folder: str | Path, o
         Execution(**{**features.execution.to_dict(), **execution}).check(features.chunk_size)
     config = config or TrainConfig(steps=3000, lr=1e-3, weight_decay=0.0, warmup_steps=100)
     lora = lora or LoRAConfig(rank=4, alpha=8.0, targets=LeRobotPolicy.lora_targets)
+    if demos is not None and (isinstance(demos, bool) or not isinstance(demos, int) or demos < 1):
+        raise ValueError(f"demos={demos!r} (--demos): must be an int >= 1, or left out to train on every episode")
+    rollouts = select_episodes > 0 or eval_episodes > 0
+    if rollouts and env_id is None and skill is not None:
+        env_id = _task_env(skill)  # refused here, before lerobot is imported
+    if rollouts and env_id is None:  # the skill is the dataset's task
+        env_id = _task_env(_dataset_task(dataset_folder))
+    if rollouts and action_bounds is None:
+        action_bounds = _env_bounds(env_id)
     policy = load_lerobot_policy(policy_folder, action_bounds=action_bounds)
-    frames = LeRobotFrames(dataset_folder, policy)
+    frames = LeRobotFrames(dataset_folder, policy, episodes=demos)
     tasks = list(frames.dataset.meta.tasks.index)
     if skill is None and len(tasks) != 1:
         raise ValueError(f"{dataset_folder} holds the tasks {tasks}; name the skill (skill=..., or robolora train-skill --skill NAME)")
@@ -276,13 +333,29 @@ def train_lerobot_skill(policy_folder: str | Path, dataset_folder: str | Path, o
     mark_only_lora_trainable(policy)
     set_active_adapter(policy, skill)
     counts = count_parameters(policy)
-    metrics = train(policy, frames, config, out_dir, resume=resume, on_step=on_step)
+    if execution:
+        policy.set_execution(**execution)  # validation and evaluation rollouts execute as deployed
+    env_kwargs = policy.spec.env_kwargs()
+    keeper = KeepBest(policy, env_id, out_dir, select_episodes, env_kwargs=env_kwargs) if select_episodes else None
+    if keeper is not None and not config.eval_every:
+        config = dataclasses.replace(config, eval_every=config.steps)  # at least the last step is evaluated
+    metrics = train(policy, frames, config, out_dir, resume=resume, on_step=on_step, eval_fn=keeper)
+    policy.cpu().eval()
+    selection = keeper.restore(policy) if keeper is not None else None
     info = {"skill": skill, "lerobot_policy": str(policy_folder), "data": str(dataset_folder),
+            "demos": frames.dataset.meta.total_episodes if demos is None else demos,
             "samples": len(frames), "trainable_params": counts["trainable"],
             "trainable_percent_of_base": 100.0 * counts["trainable"] / (counts["total"] - counts["trainable"]),
             "train_config": config.to_dict(), "train_metrics": metrics}
+    if selection is not None:
+        info["selection"] = selection
     if execution:
         info["execution"] = execution
+    if eval_episodes:
+        from robolora.evaluate import evaluate
+
+        m = evaluate(policy, env_id, eval_episodes, env_kwargs=env_kwargs)
+        info["eval"] = {k: v for k, v in m.items() if k != "episodes"}
     adapter = adapter_from_policy(policy.cpu(), skill, metadata={k: v for k, v in info.items() if k != "skill"})
     if adapter.base_fingerprint != fingerprint:
         raise RuntimeError("the base weights moved during LoRA training (robolora.inject bug)")

@@ -143,6 +143,30 @@ def test_train_skill_command_trains_a_skill_on_a_lerobot_dataset(work: dict[str,
     manager.close()
 
 
+def test_train_skill_selects_on_validation_and_evaluates_held_out_for_a_lerobot_act(
+        work: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--demos / --select-episodes / --eval-episodes on the LeRobot path: the first N episodes only, rollouts in the
+    skill's robolora env rendered as the ACT reads it, the best validation step kept and recorded."""
+    from robolora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-skill", "--base", str(work["act"]), "--data", str(work["dataset"]), "--out", str(out),
+                 "--rank", "2", "--steps", "4", "--batch-size", "4", "--device", "cpu", "--demos", "2",
+                 "--select-episodes", "2", "--select-every", "2", "--eval-episodes", "2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    everything = json.loads((work["dataset"] / "meta" / "info.json").read_text())["total_frames"]
+    assert info["demos"] == 2 and 0 < info["samples"] < everything
+    rates = {r["step"]: r["val/success_rate"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "val/success_rate" in r}
+    assert sorted(rates) == [2, 4]
+    best = max(rates.values())
+    assert info["selection"] == {"step": max(s for s, r in rates.items() if r == best), "success_rate": best,
+                                 "episodes": 2, "seed": 30_000_000}
+    assert info["eval"]["eval/episodes"] == 2 and 0.0 <= info["eval"]["eval/success_rate"] <= 1.0
+    adapter = load_adapter(out / "adapter")
+    assert adapter.metadata["selection"] == info["selection"] and adapter.metadata["demos"] == 2
+
+
 @pytest.mark.parametrize("mode", ["bank", "inplace", "unmerged"])
 def test_skill_manager_switches_a_lerobot_act(work: dict[str, Path], mode: str) -> None:
     policy = load_lerobot_policy(work["act"])
