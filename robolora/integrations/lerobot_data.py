@@ -263,7 +263,8 @@ def _dataset_task(root: str | Path) -> str:
 
     tasks = list(LeRobotDatasetMetadata(f"local/{Path(root).name}", root=Path(root)).tasks.index)
     if len(tasks) != 1:
-        raise ValueError(f"{root} holds the tasks {tasks}; name the skill (skill=..., or robolora train-skill --skill NAME)")
+        raise ValueError(f"{root} holds the tasks {tasks}; name the skill (skill=..., or robolora train-skill "
+                         "--skill NAME)")
     return str(tasks[0])
 
 
