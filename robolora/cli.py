@@ -167,7 +167,9 @@ def load_base(path: Path, device: str = "cpu", action_bounds: tuple[float, float
 
     if is_lerobot_policy_folder(path):
         if action_bounds is None and bounds_env is not None:
-            action_bounds = env_bounds(bounds_env)
+            from robolora.evaluate import env_action_bounds
+
+            action_bounds = env_action_bounds(bounds_env)
         try:
             return load_lerobot_policy(path, device=device, action_bounds=action_bounds)
         except ImportError as e:  # lerobot missing: the message says what to install
@@ -175,18 +177,6 @@ def load_base(path: Path, device: str = "cpu", action_bounds: tuple[float, float
     from robolora.policies import load_policy
 
     return load_policy(resolve_run(path, "policy", "config.json"), device=device)
-
-
-def env_bounds(env_id: str) -> tuple[float, float]:
-    """The action bounds of a robolora env, by task name or gym id (one interval for every dimension)."""
-    from robolora.envs import make
-
-    env = make(env_id)
-    try:
-        space = env.action_space
-        return float(space.low.min()), float(space.high.max())
-    finally:
-        env.close()
 
 
 def skill_execution(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -55,6 +55,17 @@ def make_env(env_id: str, env_kwargs: dict[str, Any]) -> gym.Env:
     return make(env_id, **env_kwargs)
 
 
+def env_action_bounds(env_id: str) -> tuple[float, float]:
+    """The action bounds of a robolora env, by task name or gym id (one interval for every dimension)."""
+    from robolora.envs import make
+
+    env = make(env_id)
+    try:
+        return float(env.action_space.low.min()), float(env.action_space.high.max())
+    finally:
+        env.close()
+
+
 def _make_envs(env_id: str, num_envs: int, env_kwargs: dict[str, Any]) -> gym.vector.VectorEnv:
     from robolora.envs import make  # torch-free: spawned workers import only the envs, not this module
 

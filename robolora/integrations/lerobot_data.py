@@ -268,17 +268,6 @@ def _dataset_task(root: str | Path) -> str:
     return str(tasks[0])
 
 
-def _env_bounds(env_id: str) -> tuple[float, float]:
-    """The action bounds of a robolora env (one interval for every dimension)."""
-    from robolora.envs import make
-
-    env = make(env_id)
-    try:
-        return float(env.action_space.low.min()), float(env.action_space.high.max())
-    finally:
-        env.close()
-
-
 def train_lerobot_skill(policy_folder: str | Path, dataset_folder: str | Path, out_dir: str | Path, *,
                         skill: str | None = None, lora: LoRAConfig | None = None, config: TrainConfig | None = None,
                         action_bounds: tuple[float, float] | None = None,
@@ -302,6 +291,7 @@ def train_lerobot_skill(policy_folder: str | Path, dataset_folder: str | Path, o
     (:func:`check_training_inputs`). Returns what was trained and where.
     """
     from robolora.adapters import adapter_from_policy, save_adapter, validate_execution
+    from robolora.evaluate import env_action_bounds
     from robolora.inject import count_parameters, inject_lora, mark_only_lora_trainable, set_active_adapter
     from robolora.policies import base_fingerprint
     from robolora.policy import Execution
@@ -322,7 +312,7 @@ def train_lerobot_skill(policy_folder: str | Path, dataset_folder: str | Path, o
     if rollouts and env_id is None:  # the skill is the dataset's task
         env_id = _task_env(_dataset_task(dataset_folder))
     if rollouts and action_bounds is None:
-        action_bounds = _env_bounds(env_id)
+        action_bounds = env_action_bounds(env_id)
     policy = load_lerobot_policy(policy_folder, action_bounds=action_bounds)
     frames = LeRobotFrames(dataset_folder, policy, episodes=demos)
     tasks = list(frames.dataset.meta.tasks.index)
