@@ -44,6 +44,7 @@ from robolora.completion import FILE as COMPLETION_FILE
 from robolora.completion import Completion
 from robolora.config import LoRAConfig
 from robolora.inject import inject_lora, lora_layers, remove_adapter, target_shapes
+from robolora.lora import LoRAConv2d
 from robolora.lora_mha import PROJECTIONS, LoRAMultiheadAttention
 from robolora.policies import base_fingerprint
 from robolora.policies.checkpoint import SHIPPED_DIR, resolve_shipped
@@ -283,8 +284,8 @@ def attach(policy: nn.Module, adapter: SkillAdapter, name: str | None = None,
     shapes = target_shapes(policy)
     for layer, (a, b) in adapter.lora.items():
         if layer not in shapes:
-            raise ValueError(f"adapter {adapter.skill!r} targets {layer!r}, which is not an nn.Linear or attention "
-                             "projection of this policy")
+            raise ValueError(f"adapter {adapter.skill!r} targets {layer!r}, which is not an nn.Linear, nn.Conv2d or "
+                             "attention projection of this policy")
         d_out, d_in = shapes[layer]
         if a.shape[1] != d_in or b.shape[0] != d_out:
             raise ValueError(f"adapter {adapter.skill!r}: {layer} expects ({d_out}, {d_in}) "
@@ -472,7 +473,8 @@ Delta = tuple[torch.Tensor, torch.Tensor, float]  # (A, B, scaling): the layer's
 def to_peft(adapter: SkillAdapter, path: str | Path, policy: nn.Module | None = None) -> Path:
     """Write the adapter in PEFT's layout (loadable with ``PeftModel.from_pretrained`` on the policy module).
 
-    ``nn.Linear`` layers keep their A and B. PEFT adapts an ``nn.MultiheadAttention`` at path P as one module: one
+    ``nn.Linear`` layers keep their A and B; an ``nn.Conv2d``'s A (r, C_in·kh·kw) and B (C_out, r) are written as
+    PEFT's Conv2d LoRA holds them, (r, C_in, kh, kw) and (C_out, r, 1, 1). PEFT adapts an ``nn.MultiheadAttention`` at path P as one module: one
     A (r', E) and B (3E, r') for the packed ``in_proj_weight`` and a LoRA of the same rank r' on ``out_proj``. So
     robolora's ``P.q``/``P.k``/``P.v`` become in_proj A = their A stacked and B block-diagonal (each B in its
     projection's rows and its own columns), ``P.out_proj`` is padded with zeros to r', and r' with an alpha that
@@ -481,9 +483,9 @@ def to_peft(adapter: SkillAdapter, path: str | Path, policy: nn.Module | None = 
     applies an attention out_proj's delta twice (:func:`peft_out_proj_applications`), so out_proj's B is written
     divided by the count the installed peft measures (recorded beside it) and that peft reproduces our outputs.
 
-    A name alone cannot tell an attention projection from an ``nn.Linear`` called ``q`` or ``out_proj``: pass the
-    ``policy`` (plain or with LoRA attached) when the adapter targets ``nn.MultiheadAttention``; without it every
-    layer is written as an ``nn.Linear``. Raises ValueError, writing nothing, for attention PEFT cannot hold
+    A name alone cannot tell an attention projection from an ``nn.Linear`` called ``q`` or ``out_proj``, nor a
+    convolution's kernel shape: pass the ``policy`` (plain or with LoRA attached) when the adapter targets
+    ``nn.MultiheadAttention`` or ``nn.Conv2d``; without it every layer is written as an ``nn.Linear``. Raises ValueError, writing nothing, for attention PEFT cannot hold
     (kdim or vdim different from embed_dim).
     """
     c = adapter.config
@@ -501,8 +503,11 @@ def to_peft(adapter: SkillAdapter, path: str | Path, policy: nn.Module | None = 
         rank, alpha, modules, columns[name] = _peft_attention(adapter, name, mha.embed_dim, applications)
         rank_pattern["^" + re.escape(name)], alpha_pattern["^" + re.escape(name)] = rank, alpha
         pairs.update(modules)
+    kernels = _conv_kernels(adapter, policy)
     tensors = {}
     for module, (a, b) in pairs.items():
+        if module in kernels:  # PEFT's Conv2d LoRA: A as r kernels (r, C_in, kh, kw), B as a 1x1 conv (C_out, r, 1, 1)
+            a, b = a.reshape(a.shape[0], *kernels[module]), b.reshape(*b.shape, 1, 1)
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.detach().float().contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.detach().float().contiguous()
     peft_config = {
@@ -529,6 +534,20 @@ def to_peft(adapter: SkillAdapter, path: str | Path, policy: nn.Module | None = 
             save_file({SKILL_TOKEN: adapter.skill_token.detach().float().contiguous()}, str(tmp / SIDE_WEIGHTS))
         (tmp / SIDE_META).write_text(json.dumps(side, indent=1))
     return Path(path)
+
+
+def _conv_kernels(adapter: SkillAdapter, policy: nn.Module | None) -> dict[str, tuple[int, int, int]]:
+    """(C_in, kh, kw) of every ``nn.Conv2d`` of ``policy`` the adapter targets (robolora keeps their A flattened)."""
+    if policy is None:
+        return {}
+    modules = dict(policy.named_modules())
+    out = {}
+    for layer in adapter.lora:
+        module = modules.get(layer)
+        module = module.base_layer if isinstance(module, LoRAConv2d) else module
+        if isinstance(module, nn.Conv2d):
+            out[layer] = tuple(module.weight.shape[1:])
+    return out
 
 
 def _attention_modules(adapter: SkillAdapter, policy: nn.Module | None) -> dict[str, nn.MultiheadAttention]:
@@ -694,9 +713,11 @@ def _peft_pairs(where: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if set(half) != {"A", "B"}:
             raise ValueError(f"{where}: {module} has lora_{''.join(half)} but not its partner; the file is corrupt")
         a, b = half["A"], half["B"]
+        if a.ndim == 4 and b.ndim == 4 and tuple(b.shape[2:]) == (1, 1):  # PEFT's Conv2d LoRA: the kernel as a matrix
+            a, b = a.flatten(1), b.flatten(1)
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(f"{where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected "
-                             "(r, d_in) and (d_out, r)")
+                             "(r, d_in) and (d_out, r), or PEFT's Conv2d pair (r, C_in, kh, kw) and (C_out, r, 1, 1)")
         pairs[module] = (a, b)
     return pairs
 

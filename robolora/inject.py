@@ -1,8 +1,8 @@
 """Module-tree surgery for LoRA (docs/design.md §4): find target layers by name, wrap them, freeze everything
 else, and act on every wrapped layer at once (activate, merge, unmerge, remove, strip back to the plain modules).
 
-Targets are ``nn.Linear`` layers (wrapped in ``LoRALinear``) and the projections of ``nn.MultiheadAttention``
-modules, named ``<module path>.q``, ``.k``, ``.v`` and ``.out_proj`` (the module is wrapped in
+Targets are ``nn.Linear`` layers (wrapped in ``LoRALinear``), ``nn.Conv2d`` layers (``LoRAConv2d``, the kernel read
+as a C_out x C_in·kh·kw matrix) and the projections of ``nn.MultiheadAttention`` modules, named ``<module path>.q``, ``.k``, ``.v`` and ``.out_proj`` (the module is wrapped in
 ``robolora.lora_mha.LoRAMultiheadAttention``). Target patterns are described in ``robolora.config`` (exact name,
 dotted suffix such as ``attn.q`` or ``self_attn.q``, or ``re:<regex>`` matched with ``re.fullmatch``). Names are
 the model's qualified module names; a layer that is already wrapped keeps its original name (``blocks.0.attn.q``,
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from robolora.config import REGEX_PREFIX, LoRAConfig
-from robolora.lora import AdapterSpec, LoRALayer, LoRALinear, adapter_weights
+from robolora.lora import AdapterSpec, LoRAConv2d, LoRALayer, LoRALinear, adapter_weights
 from robolora.lora_mha import PROJECTIONS, LoRAMultiheadAttention, projection_slots
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,14 @@ def inject_lora(
     missing = [p for p in config.targets if not any(target_matches(n, p) for n in layers)]
     if missing:
         raise ValueError(
-            f"target pattern(s) {missing} match no nn.Linear layer or attention projection; layers: {sorted(layers)} "
+            f"target pattern(s) {missing} match no nn.Linear, nn.Conv2d or attention projection; layers: {sorted(layers)} "
             f"(patterns: exact name, dotted suffix like 'attn.q', or '{REGEX_PREFIX}<regex>')"
         )
     targets = [n for n in layers if any(target_matches(n, p) for p in config.targets)]
     taken = [n for n in targets if isinstance(layers[n], LoRALayer) and adapter_name in layers[n].adapters]
     if taken:
         raise ValueError(f"adapter {adapter_name!r} already exists in {taken}; remove it or pick another name")
-    if config.dropout > 0 and any(not isinstance(layers[n], (nn.Linear, LoRALinear)) for n in targets):
+    if config.dropout > 0 and any(not isinstance(layers[n], (nn.Linear, nn.Conv2d, LoRALinear)) for n in targets):
         raise ValueError(f"LoRA dropout={config.dropout} acts on a layer's input, which nn.MultiheadAttention does not "
                          "expose per projection; use dropout=0 with attention projection targets")
     wrapped: list[tuple[str, Wrapper]] = []
@@ -85,8 +85,8 @@ def inject_lora(
 def _wrap(model: nn.Module, name: str, layer: nn.Module, wrapped: list[tuple[str, Wrapper]]) -> LoRALayer:
     """Wrap the module behind target ``name`` (a Linear, or the attention module of a projection); returns the
     target's LoRA layer."""
-    if isinstance(layer, nn.Linear):
-        wrapper = LoRALinear(layer)
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        wrapper = LoRALinear(layer) if isinstance(layer, nn.Linear) else LoRAConv2d(layer)
         wrapped.append((name, wrapper))
         _set_submodule(model, name, wrapper)
         return wrapper
@@ -122,6 +122,8 @@ def target_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     for name, layer in _candidates(model).items():
         if isinstance(layer, (nn.Linear, LoRALayer)):
             out[name] = (layer.out_features, layer.in_features)
+        elif isinstance(layer, nn.Conv2d):  # the kernel as a matrix, as LoRAConv2d reads it
+            out[name] = (layer.out_channels, layer.weight[0].numel())
         else:  # a projection of a plain nn.MultiheadAttention
             weight = _projection_weight(layer, name.rpartition(".")[2])
             out[name] = (weight.shape[0], weight.shape[1])
@@ -205,7 +207,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def strip_lora(model: nn.Module, merge: AdapterSpec | None = None) -> list[str]:
-    """Replace every ``LoRALinear`` with a plain ``nn.Linear`` holding W0 (``merge=None``) or W0 + the merged deltas.
+    """Replace every wrapper with its plain module (``nn.Linear``, ``nn.Conv2d``, ``nn.MultiheadAttention``) holding W0
+    (``merge=None``) or W0 + the merged deltas.
 
     The new layers get new Parameters with the original layers' ``requires_grad``; returns the names replaced.
     All merged weights are computed (and checked finite) before the model is touched.
@@ -236,6 +239,13 @@ def _merge_or_unmerge(layer: LoRALayer, weights: dict[str, float] | None) -> Non
 def _plain_module(wrapper: Wrapper, units: list[LoRALayer], weights: list[torch.Tensor]) -> nn.Module:
     """The wrapped module with fresh Parameters holding ``weights`` (one per LoRA layer, W0 or merged)."""
     base = wrapper.base_layer
+    if isinstance(wrapper, LoRAConv2d):
+        conv = nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                         base.dilation, base.groups, base.bias is not None, base.padding_mode, device="meta")
+        conv.weight = nn.Parameter(weights[0], requires_grad=wrapper.base_requires_grad["weight"])
+        if base.bias is not None:
+            conv.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=wrapper.base_requires_grad["bias"])
+        return conv.train(base.training)
     if isinstance(wrapper, LoRALinear):
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         linear.weight = nn.Parameter(weights[0], requires_grad=wrapper.base_requires_grad["weight"])
@@ -257,8 +267,9 @@ def _plain_module(wrapper: Wrapper, units: list[LoRALayer], weights: list[torch.
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Possible targets by qualified name: every LoRA layer, every nn.Linear not inside a wrapper or an attention
-    module, and the q/k/v/out_proj projections (as the attention module) of every plain nn.MultiheadAttention."""
+    """Possible targets by qualified name: every LoRA layer, every nn.Linear and nn.Conv2d not inside a wrapper or an
+    attention module, and the q/k/v/out_proj projections (as the attention module) of every plain
+    nn.MultiheadAttention."""
     layers: dict[str, nn.Module] = {}
     owned: list[str] = []  # modules whose children are not targets of their own
     for name, module in model.named_modules():
@@ -275,7 +286,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
             for projection in PROJECTIONS:
                 layers[f"{name}.{projection}"] = module
             owned.append(name)
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
             layers[name] = module
             owned.append(name)
     if "" in layers:

@@ -1,4 +1,5 @@
-"""LoRALinear: several named low-rank adapters beside one frozen ``nn.Linear`` (docs/design.md §4; Hu et al. 2021).
+"""LoRALinear: several named low-rank adapters beside one frozen ``nn.Linear`` (docs/design.md §4; Hu et al. 2021);
+LoRAConv2d does the same for an ``nn.Conv2d``, its kernel read as a matrix.
 
 For the frozen base layer (W0: d_out x d_in, bias b) and each adapter i (A_i: r x d_in ~ N(0, std^2), B_i: d_out x r
 = 0, s_i = alpha / r or alpha / sqrt(r)) the layer computes, for the active set {i: w_i},
@@ -66,7 +67,8 @@ class LoRALayer(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.pristine_weight.shape[1]
+        """d_in of W0 as a matrix: a Linear's inputs, or a convolution's in_channels x kernel positions."""
+        return self.pristine_weight[0].numel()
 
     @property
     def out_features(self) -> int:
@@ -121,16 +123,16 @@ class LoRALayer(nn.Module):
         """s * B @ A for one adapter, computed in fp32 and returned in the base weight's dtype."""
         self._check_names([name])
         delta = self.lora_B[name].detach().float() @ self.lora_A[name].detach().float()
-        return (delta * self.configs[name].scaling).to(self.pristine_weight.dtype)
+        return (delta * self.configs[name].scaling).to(self.pristine_weight.dtype).view(self.pristine_weight.shape)
 
     def merged_weight(self, spec: AdapterSpec) -> torch.Tensor:
         """W0 + sum_i w_i * delta_i as a new tensor (fp32 sum, one cast); raises if it is not finite."""
         weights = self._as_weights(spec)
-        total = self.pristine_weight.float()
+        total = self.pristine_weight.float().reshape(self.out_features, self.in_features)
         for name, w in weights.items():
             b, a = self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
             total = torch.addmm(total, b, a, alpha=w * self.configs[name].scaling)
-        merged = total.to(self.pristine_weight.dtype)
+        merged = total.to(self.pristine_weight.dtype).view(self.pristine_weight.shape)
         if not torch.isfinite(merged.float().sum()):  # NaN/Inf poison the sum; ~15x faster than isfinite(x).all()
             raise ValueError(f"merging {weights} gives NaN/Inf weights (adapter values diverged?); nothing written")
         return merged
@@ -179,9 +181,13 @@ class LoRALayer(nn.Module):
 class LoRALinear(LoRALayer):
     """Wraps (does not subclass) a frozen ``nn.Linear`` and holds named adapters ``lora_A[name]``/``lora_B[name]``."""
 
-    def __init__(self, base_layer: nn.Linear) -> None:
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+    base_type: type[nn.Module] = nn.Linear
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        if not isinstance(base_layer, self.base_type):
+            raise TypeError(f"{type(self).__name__} wraps an nn.{self.base_type.__name__}, "
+                            f"got {type(base_layer).__name__}")
+        self._check_base(base_layer)
         super().__init__(base_layer.weight)
         self.base_layer = base_layer
         self.base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
@@ -193,15 +199,48 @@ class LoRALinear(LoRALayer):
     def weight_owner(self) -> nn.Module:
         return self.base_layer
 
+    def _check_base(self, base_layer: nn.Module) -> None:
+        """Refuse base layers this wrapper cannot adapt exactly (every nn.Linear is fine)."""
+
+    def lora_path(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """B A x for one adapter (A: r x d_in, B: d_out x r), in the base layer's output layout."""
+        return F.linear(F.linear(x, a), b)  # (..., r) -> (..., d_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)  # (..., d_out), includes any merged deltas
+        out = self.base_layer(x)  # includes any merged deltas
         for name, w in self._active.items():
             if self._merged is not None and name in self._merged:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
-            h = F.linear(F.linear(self.lora_dropout[name](x).to(a.dtype), a), b)  # (..., r) -> (..., d_out)
+            h = self.lora_path(self.lora_dropout[name](x).to(a.dtype), a, b)
             out = out + (h * (w * self.configs[name].scaling)).to(out.dtype)
         return out
+
+
+class LoRAConv2d(LoRALinear):
+    """LoRA on a frozen ``nn.Conv2d`` (as PEFT's Conv2d LoRA): the kernel W0 (C_out, C_in, kh, kw) is read as the
+    matrix C_out x (C_in·kh·kw), so A is r x (C_in·kh·kw) and B is C_out x r. The LoRA path is a convolution with A
+    as r kernels (the base's stride, padding and dilation) followed by a 1x1 convolution with B, and the merged
+    kernel is W0 + s·(B A) reshaped: ``merge``, ``unmerge``, bank switching and export work as for a Linear.
+    Grouped convolutions and non-zero padding modes are refused (their kernel is not one matrix on the input).
+    """
+
+    base_type = nn.Conv2d
+
+    def _check_base(self, base_layer: nn.Module) -> None:
+        assert isinstance(base_layer, nn.Conv2d)
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on a grouped nn.Conv2d (groups={base_layer.groups}) is not supported: its "
+                             "kernel is not one matrix on the input; target the ungrouped convolutions only")
+        if base_layer.padding_mode != "zeros":
+            raise ValueError(f"LoRA on an nn.Conv2d with padding_mode={base_layer.padding_mode!r} is not supported "
+                             "(only 'zeros'); target other layers")
+
+    def lora_path(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        conv = self.base_layer
+        kernel = a.view(a.shape[0], *self.pristine_weight.shape[1:])  # (r, C_in, kh, kw)
+        h = F.conv2d(x, kernel, None, conv.stride, conv.padding, conv.dilation)  # (N, r, H', W')
+        return F.conv2d(h, b.view(*b.shape, 1, 1))  # (N, C_out, H', W')
 
 
 def adapter_weights(spec: AdapterSpec, attached: Iterable[str]) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """SkillManager: attach, switch, blend and step LoRA skills at runtime on one frozen base policy (docs/design.md §4).
 
 The policy is any module following robolora's policy protocol (``robolora.policy``, docs/policy.md). LoRA targets
-are ``nn.Linear`` layers and ``nn.MultiheadAttention`` projections; the manager drives *weights*: a Linear's
-``weight``, or an attention module's ``in_proj_weight`` (q/k/v's row blocks together), ``q/k/v_proj_weight`` and
+are ``nn.Linear`` and ``nn.Conv2d`` layers and ``nn.MultiheadAttention`` projections; the manager drives *weights*:
+a Linear's or a convolution's ``weight``, or an attention module's ``in_proj_weight`` (q/k/v's row blocks together), ``q/k/v_proj_weight`` and
 ``out_proj.weight``.
 
 Three modes, chosen per use (``SkillManager(policy, mode=...)``):
@@ -65,7 +65,7 @@ from robolora.adapters import SkillAdapter, execution_of, load_adapter
 from robolora.adapters import attach as attach_adapter
 from robolora.adapters import detach as detach_adapter
 from robolora.inject import lora_wrappers
-from robolora.lora import LoRALayer, LoRALinear
+from robolora.lora import LoRAConv2d, LoRALayer, LoRALinear
 from robolora.lora_mha import call_with_weights
 from robolora.policy import ChunkExecutor, Execution, Policy, act, check_policy, policy_device
 
@@ -180,6 +180,15 @@ def _unmerged_forward(layer: _Layer, bias: torch.Tensor | None, x: torch.Tensor)
     if out.dim() == 3:  # out + h @ (w s B)^T as one fused op: a few microseconds less per layer than matmul + add
         return torch.baddbmm(out, h, bt if out.shape[0] == 1 else bt.expand(out.shape[0], -1, -1))  # (B, T, d_out)
     return out + h @ bt[0]
+
+
+def _unmerged_conv_forward(layer: _Layer, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    out = conv._conv_forward(x, layer.original, conv.bias)  # (N, C_out, H', W')
+    if layer.term is None:
+        return out
+    a, bt = layer.term
+    h = F.conv2d(x, a.view(a.shape[0], *layer.original.shape[1:]), None, conv.stride, conv.padding, conv.dilation)
+    return out + F.conv2d(h, bt[0].t().reshape(bt.shape[2], bt.shape[1], 1, 1))  # (w s B) as a 1x1 convolution
 
 
 def _lora_term(lora: LoRALayer, weights: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,8 +553,12 @@ class SkillManager:
         for name, wrapper in new.items():
             if isinstance(wrapper, LoRALinear):
                 layer = _Layer([wrapper], wrapper.base_layer._parameters, "weight", wrapper.base_layer.weight, [None])
-                wrapper.forward = (functools.partial(_unmerged_forward, layer, wrapper.base_layer.bias)
-                                   if self.mode == "unmerged" else wrapper.base_layer.forward)
+                if self.mode != "unmerged":
+                    wrapper.forward = wrapper.base_layer.forward
+                elif isinstance(wrapper, LoRAConv2d):
+                    wrapper.forward = functools.partial(_unmerged_conv_forward, layer, wrapper.base_layer)
+                else:
+                    wrapper.forward = functools.partial(_unmerged_forward, layer, wrapper.base_layer.bias)
                 self._layers[name] = layer
                 added.append(name)
                 continue
