@@ -225,6 +225,7 @@ class ACTPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
     lora_targets: tuple[str, ...] = tuple(f"{attn}.{p}" for attn in ("self_attn", "cross_attn")
                                           for p in ("q", "k", "v", "out_proj"))
     lora_mlp_targets: tuple[str, ...] = ("linear1", "linear2")
+    lora_conv_targets: tuple[str, ...] = (r"re:stems\..+",)  # the camera stems' convolutions (train-skill --conv)
 
     def __init__(self, config: ACTConfig) -> None:
         super().__init__()

@@ -114,6 +114,7 @@ class VisuomotorPolicy(CameraProprioPolicy, ChunkedActing, nn.Module):
 
     lora_targets: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.o")  # train-skill's default
     lora_mlp_targets: tuple[str, ...] = ("mlp.fc1", "mlp.fc2")  # added by train-skill --mlp
+    lora_conv_targets: tuple[str, ...] = (r"re:stems\..+",)  # the camera stems' convolutions (train-skill --conv)
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()

@@ -217,7 +217,8 @@ def cmd_train_skill(args: argparse.Namespace) -> int:
 
     base = resolve_run(args.base, "policy", "config.json")
     policy_cls = policy_class(base)  # its default targets: attention projections (+ MLP with --mlp)
-    targets = policy_cls.lora_targets + (policy_cls.lora_mlp_targets if args.mlp else ())
+    targets = (policy_cls.lora_targets + (policy_cls.lora_mlp_targets if args.mlp else ())
+               + (policy_cls.lora_conv_targets if args.conv else ()))
     if args.targets:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank, targets=targets)
@@ -263,7 +264,8 @@ def _train_lerobot_skill(args: argparse.Namespace) -> int:
     if args.method != "lora":
         raise ValueError(f"--method {args.method} is not available for a LeRobot policy (robolora trains LoRA skills "
                          f"on it; fine-tune the whole policy with lerobot-train --policy.path={args.base}): drop it")
-    targets = LeRobotPolicy.lora_targets + (LeRobotPolicy.lora_mlp_targets if args.mlp else ())
+    targets = (LeRobotPolicy.lora_targets + (LeRobotPolicy.lora_mlp_targets if args.mlp else ())
+               + (LeRobotPolicy.lora_conv_targets if args.conv else ()))
     if args.targets:
         targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank, targets=targets)
@@ -688,8 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--mlp", action="store_true", help="also adapt the MLP (visuomotor: mlp.fc1/fc2; act: linear1/2), "
                                                       "not only the attention projections")
+    p.add_argument("--conv", action="store_true",
+                   help="also adapt the vision encoder's convolutions (LoRA on nn.Conv2d; visuomotor/act: the camera "
+                        "stems; a LeRobot ACT: the ResNet backbone and its 1x1 input projection)")
     p.add_argument("--targets", default=None,
-                   help="comma-separated Linear name patterns to adapt, overriding the default and --mlp "
+                   help="comma-separated Linear / Conv2d name patterns to adapt, overriding the default, --mlp and --conv "
                         "(e.g. attn.q,attn.k,attn.v,attn.o,mlp.fc1,mlp.fc2,action_head)")
     p.add_argument("--demos", type=int, default=None, help="use only the first N demos (default all)")
     _training_flags(p, steps=3000, lr=None, lr_help="1e-3 LoRA, 3e-4 otherwise", checkpoint_every=250)

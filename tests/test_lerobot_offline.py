@@ -351,12 +351,13 @@ def test_train_skill_routes_lerobot_folders_to_train_lerobot_skill(tmp_path: Pat
     (run / "checkpoints" / "last").mkdir(parents=True)
     act.rename(run / "checkpoints" / "last" / "pretrained_model")
     assert cli.main(["train-skill", "--base", str(run), "--data", str(data), "--out", str(tmp_path / "out"),
-                     "--mlp", "--rank", "2", "--steps", "5", "--n-action-steps", "2", "--skill", "pick",
+                     "--mlp", "--conv", "--rank", "2", "--steps", "5", "--n-action-steps", "2", "--skill", "pick",
                      "--demos", "3", "--select-episodes", "2", "--select-every", "4", "--eval-episodes", "6"]) == 0
     (base, dataset, out, kwargs), = calls
     assert base == run / "checkpoints" / "last" / "pretrained_model" and dataset == data
     assert out == tmp_path / "out" and kwargs["skill"] == "pick"
-    assert kwargs["lora"].targets == LeRobotPolicy.lora_targets + LeRobotPolicy.lora_mlp_targets
+    assert kwargs["lora"].targets == (LeRobotPolicy.lora_targets + LeRobotPolicy.lora_mlp_targets
+                                      + LeRobotPolicy.lora_conv_targets)
     assert kwargs["lora"].rank == 2 and kwargs["config"].steps == 5 and kwargs["config"].lr == 1e-3
     assert kwargs["execution"] == {"n_action_steps": 2} and kwargs["resume"] is False
     assert kwargs["demos"] == 3 and kwargs["select_episodes"] == 2 and kwargs["config"].eval_every == 4

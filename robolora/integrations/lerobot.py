@@ -306,6 +306,9 @@ class LeRobotPolicy(ChunkedActing, nn.Module):
     lora_targets: tuple[str, ...] = (r"re:model\.(encoder|decoder)\.layers\.\d+\.(self_attn|multihead_attn)\."
                                      r"(q|k|v|out_proj)",)
     lora_mlp_targets: tuple[str, ...] = (r"re:model\.(encoder|decoder)\.layers\.\d+\.linear[12]",)
+    # the vision encoder's convolutions (train-skill --conv): every nn.Conv2d of the ResNet backbone and the 1x1
+    # projection of its feature map into the transformer (FrozenBatchNorm2d layers stay as they are)
+    lora_conv_targets: tuple[str, ...] = (r"re:model\.backbone\..+", "model.encoder_img_feat_input_proj")
 
     def __init__(self, policy: nn.Module, config: Mapping[str, Any], normalization: LeRobotNormalization, *,
                  action_bounds: tuple[float, float] | None = None) -> None:

@@ -167,6 +167,45 @@ def test_train_skill_selects_on_validation_and_evaluates_held_out_for_a_lerobot_
     assert adapter.metadata["selection"] == info["selection"] and adapter.metadata["demos"] == 2
 
 
+def test_a_skill_on_acts_resnet_backbone_switches_exports_and_crosses_to_peft(work: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    """LoRA on the convolutions of LeRobot's ACT (train-skill --conv): every backbone conv and the 1x1 input
+    projection; the manager's skill gives the LoRA policy's actions, the export keeps parity, and PEFT's Conv2d LoRA
+    on LeRobot's own ACT gives the same actions."""
+    from peft import PeftModel
+
+    from robolora.export import export_bundle
+    from robolora.inject import set_active_adapter
+
+    policy = load_lerobot_policy(work["act"])
+    names = inject_lora(policy, LoRAConfig(rank=2, alpha=4.0, targets=LeRobotPolicy.lora_conv_targets), "look",
+                        generator=torch.Generator().manual_seed(0))
+    convs = [n for n, m in load_lerobot_policy(work["act"]).named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(names) == sorted(convs) and len(names) == 21  # resnet18: 20 convs, and the input projection
+    with torch.no_grad():
+        for layer in lora_layers(policy).values():
+            layer.lora_B["look"].normal_(0.0, 0.02, generator=torch.Generator().manual_seed(1))
+    set_active_adapter(policy, "look")
+    adapter = adapter_from_policy(policy, "look")
+    probe = policy.spec.probe(2)
+    with torch.no_grad():
+        expected = policy.predict_chunk(probe)
+    manager = SkillManager(load_lerobot_policy(work["act"]), mode="bank")
+    assert manager.attach("look", adapter).live
+    manager.activate("look")
+    with torch.no_grad():
+        torch.testing.assert_close(manager.predict_chunk(probe), expected, atol=1e-5, rtol=1e-5)
+    manager.close()
+    report = export_bundle(load_lerobot_policy(work["act"]), adapter, tmp_path / "bundle")
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    to_peft(adapter, tmp_path / "peft", policy=load_lerobot_policy(work["act"]))
+    act, pre, post = lerobot_pipeline(work["act"])
+    model = PeftModel.from_pretrained(act, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        theirs = lerobot_actions(model.base_model.model, pre, post, probe)
+    assert (theirs - expected).abs().max() <= PEFT_TOLERANCE
+
+
 @pytest.mark.parametrize("mode", ["bank", "inplace", "unmerged"])
 def test_skill_manager_switches_a_lerobot_act(work: dict[str, Path], mode: str) -> None:
     policy = load_lerobot_policy(work["act"])
