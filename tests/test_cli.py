@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import robolora
 from robolora.cli import main
@@ -52,6 +53,25 @@ def test_train_skill_targets_and_execution_reach_the_adapter(tmp_path, capsys):
     manager.activate("wipe")
     manager.apply_pending()
     assert manager.execution.n_action_steps == 8
+
+
+def test_train_skill_conv_adapts_the_camera_stems_too(tmp_path, capsys):
+    """--conv adds the vision encoder's convolutions (LoRAConv2d) to the targets; the skill loads and is live."""
+    from robolora.data import collect
+    from robolora.policies import load_policy
+    from robolora.recipes import shipped_base
+    from robolora.skills import SkillManager
+
+    collect("robolora/Wipe-v0", 1, tmp_path / "wipe", seed=0)
+    assert main(["train-skill", "--data", str(tmp_path / "wipe"), "--out", str(tmp_path / "run"), "--rank", "2",
+                 "--conv", "--steps", "3", "--batch-size", "4", "--json"]) == 0
+    capsys.readouterr()
+    meta = json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())
+    base = load_policy(shipped_base())
+    convs = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and set(convs) <= set(meta["layers"]) and "blocks.0.attn.q" in meta["layers"]
+    manager = SkillManager(base)
+    assert manager.load(tmp_path / "run" / "adapter").live
 
 
 def test_train_skill_temporal_ensemble_is_the_skills_execution(tmp_path, capsys):
