@@ -1,7 +1,8 @@
 """LoRA hyper-parameters (docs/design.md §4; Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models";
 Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" for the rsLoRA scaling).
 
-One frozen dataclass describes one adapter: its rank r, alpha, which ``nn.Linear`` layers it targets, dropout on
+One frozen dataclass describes one adapter: its rank r, alpha, which layers it targets (``nn.Linear``,
+``nn.Conv2d``, ``nn.MultiheadAttention`` projections), dropout on
 the LoRA input, the std of A's Gaussian init and the scaling rule. It round-trips through JSON with
 ``to_dict``/``from_dict`` so it can travel beside the adapter weights.
 
@@ -31,7 +32,7 @@ class LoRAConfig:
     Attributes:
         rank: r, the inner dimension of A (r x d_in) and B (d_out x r); >= 1.
         alpha: numerator of the scaling s; > 0.
-        targets: name patterns of the ``nn.Linear`` layers to adapt (see the module docstring for the syntax).
+        targets: name patterns of the layers to adapt (see the module docstring for the syntax).
         dropout: dropout probability applied to the LoRA branch's input in training mode only; in [0, 1).
         init_std: std of A's Gaussian init N(0, init_std^2); None means 1 / rank (the LoRA paper's Gaussian option,
             PEFT's ``init_lora_weights="gaussian"``).
