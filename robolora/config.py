@@ -2,8 +2,8 @@
 Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" for the rsLoRA scaling).
 
 One frozen dataclass describes one adapter: its rank r, alpha, which layers it targets (``nn.Linear``,
-``nn.Conv2d``, ``nn.MultiheadAttention`` projections), dropout on
-the LoRA input, the std of A's Gaussian init and the scaling rule. It round-trips through JSON with
+``nn.Conv2d``, ``nn.MultiheadAttention`` projections), dropout on the LoRA input, the std of A's Gaussian init and
+the scaling rule. It round-trips through JSON with
 ``to_dict``/``from_dict`` so it can travel beside the adapter weights.
 
 Target patterns (matched against a layer's qualified name, e.g. ``blocks.0.attn.q``):
